@@ -1,0 +1,111 @@
+"""Checks the whole composed config once, up front, before anything heavy is imported or loaded.
+
+Every problem is reported as one ConfigError line that says what is wrong and how to fix it.
+"""
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from tunelab.precision import precision_warnings
+from tunelab.strategy import strategy_accelerator, strategy_devices
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"32-true", "bf16-true", "bf16-mixed", "16-mixed"}
+PROFILERS = {None, "simple", "advanced", "pytorch"}
+VALIDATION_METRICS = {"val/loss", "val/exact_match"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def validate_config(cfg: DictConfig) -> None:
+    for check in (check_model, check_data, check_peft, check_optim, check_placement, check_run):
+        check(cfg)
+    for warning in precision_warnings(cfg.precision, cfg.model):
+        log.warning(warning)
+
+
+def looks_local(name_or_path: str) -> bool:
+    return name_or_path.startswith(("/", ".", "~")) or Path(name_or_path).exists()
+
+
+def check_model(cfg: DictConfig) -> None:
+    model = cfg.model
+    if model.init not in ("pretrained", "random"):
+        raise ConfigError(f"model.init={model.init} is not one of: pretrained, random")
+    if model.init == "pretrained" and not model.name_or_path:
+        raise ConfigError("model.init=pretrained needs model.name_or_path (a hub id or a local directory)")
+    if model.init == "random" and model.config is None and not model.name_or_path:
+        raise ConfigError("model.init=random needs a model.config block or a model.name_or_path to take the architecture from")
+    for key in ("name_or_path", "tokenizer"):
+        value = model.get(key)
+        if value and value != "char" and looks_local(value):
+            path = Path(value).expanduser()
+            if not (path / ("config.json" if key == "name_or_path" else "")).exists():
+                raise ConfigError(f"model.{key}={value}: no such local model directory (it needs the files save_pretrained writes)")
+    if model.tokenizer is None and not model.name_or_path:
+        raise ConfigError("model.tokenizer is null and there is no model.name_or_path to load it from: set model.tokenizer=char")
+    if model.dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ConfigError(f"model.dtype={model.dtype} is not one of: null, float32, bfloat16, float16")
+
+
+def check_data(cfg: DictConfig) -> None:
+    data = cfg.data
+    if data.source not in ("tiny", "hub", "jsonl"):
+        raise ConfigError(f"data.source={data.source} is not one of: tiny, hub, jsonl")
+    if data.source == "jsonl" and not Path(str(data.path)).expanduser().is_file():
+        raise ConfigError(f"data.path={data.path}: no such file; data=jsonl needs data.path=/path/to/rows.jsonl")
+    if data.format not in ("alpaca", "chat", "auto"):
+        raise ConfigError(f"data.format={data.format} is not one of: alpaca, chat, auto")
+    if data.batch_size < 1 or data.max_length < 2:
+        raise ConfigError("data.batch_size must be >= 1 and data.max_length >= 2")
+    if not data.val_size > 0:
+        raise ConfigError(f"data.val_size={data.val_size}: hold out a fraction (< 1) or a number of examples (>= 1)")
+
+
+def check_peft(cfg: DictConfig) -> None:
+    if cfg.peft and (cfg.peft.get("r", 1) < 1 or not cfg.peft.get("target_modules")):
+        raise ConfigError("peft=lora needs peft.r >= 1 and a non-empty peft.target_modules")
+
+
+def check_optim(cfg: DictConfig) -> None:
+    optim = cfg.optim
+    if not optim.lr > 0:
+        raise ConfigError(f"optim.lr={optim.lr} must be > 0")
+    if optim.warmup_steps is not None and optim.warmup_ratio:
+        raise ConfigError("give optim.warmup_steps or optim.warmup_ratio, not both (set the other to null)")
+    if not 0 <= optim.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={optim.min_lr_ratio} must be within [0, 1]")
+
+
+def check_placement(cfg: DictConfig) -> None:
+    """Strategy, devices and precision against the hardware that is actually here."""
+    strategy, trainer = cfg.strategy, cfg.trainer
+    if cfg.precision.value not in PRECISIONS:
+        raise ConfigError(f"precision {cfg.precision.value} is not one of: {', '.join(sorted(PRECISIONS))}")
+    accelerator = strategy_accelerator(strategy, trainer)
+    devices = strategy_devices(strategy, trainer)
+    gpus = torch.cuda.device_count()
+    uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0)
+    if uses_gpu:
+        wanted = gpus if devices in ("auto", -1) else (len(devices) if not isinstance(devices, int) else devices)
+        if wanted > gpus or gpus == 0:
+            raise ConfigError(f"strategy {strategy.name} needs {max(wanted, 1)} GPUs, found {gpus}")
+    elif cfg.precision.value == "16-mixed":
+        raise ConfigError("precision 16_mixed needs a GPU (fp16 autocast); on CPU use precision=bf16_mixed or 32_true")
+    if trainer.profiler not in PROFILERS:
+        raise ConfigError(f"trainer.profiler={trainer.profiler} is not one of: null, simple, advanced, pytorch")
+
+
+def check_run(cfg: DictConfig) -> None:
+    if cfg.objective.mode not in ("min", "max"):
+        raise ConfigError(f"objective.mode={cfg.objective.mode} is not one of: min, max")
+    if cfg.objective.metric not in VALIDATION_METRICS:
+        raise ConfigError(f"objective.metric={cfg.objective.metric} is not one of: {', '.join(sorted(VALIDATION_METRICS))}")
+    if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).expanduser().is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (or use ckpt_path=last)")

@@ -1,0 +1,217 @@
+"""Builds the `data` group: instruction rows → tokenized, prompt-masked, dynamically padded batches."""
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning.pytorch as pl
+import torch
+from datasets import Dataset, load_dataset
+from torch.utils.data import DataLoader, Sampler
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.tiny_task import write_tiny_task
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+# Bump when tokenize_example changes, so cached tokenizations made by older code are not reused.
+TOKENIZATION_VERSION = 1
+
+
+def load_rows(source: str, path: str | None, split: str, num_examples: int | None, cache_dir: str, seed: int) -> Dataset:
+    datasets_cache = str(Path(cache_dir) / "datasets")
+    if source == "tiny":
+        path = str(write_tiny_task(Path(cache_dir) / "tiny_task", num_examples, seed))
+        source = "jsonl"
+    if source == "jsonl":
+        rows = load_dataset("json", data_files=path, split="train", cache_dir=datasets_cache)
+    else:
+        rows = load_dataset(path, split=split, cache_dir=datasets_cache)
+    if num_examples is not None and len(rows) > num_examples:
+        rows = rows.select(range(num_examples))
+    return rows
+
+
+def detect_format(columns: list[str]) -> str:
+    if "messages" in columns:
+        return "chat"
+    if {"instruction", "output"} <= set(columns):
+        return "alpaca"
+    raise ValueError(
+        f"cannot tell the data format from columns {columns}: give alpaca rows (instruction, input, output) "
+        "or chat rows (messages)"
+    )
+
+
+def split_prompt_answer(row: dict, fmt: str, templates: tuple[str, str], tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
+    """The text the model is conditioned on and the text it learns to produce."""
+    if fmt == "alpaca":
+        with_input, without_input = templates
+        template = with_input if row.get("input") else without_input
+        return template.format(instruction=row["instruction"], input=row.get("input", "")), row["output"]
+    messages = row["messages"]
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("a chat row must end with an assistant message, the one the model learns")
+    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    answer = full[len(prompt):] if full.startswith(prompt) else messages[-1]["content"]
+    return prompt, answer
+
+
+def tokenize_example(prompt: str, answer: str, tokenizer: PreTrainedTokenizerBase, max_length: int, add_bos: bool) -> dict:
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if add_bos and tokenizer.bos_token_id is not None:
+        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    if not answer_ids or answer_ids[-1] != tokenizer.eos_token_id:
+        answer_ids = answer_ids + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + answer_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[:max_length]
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else json.dumps(tokenizer.chat_template)
+    return hashlib.sha256(f"{vocab}|{template}|{tokenizer.bos_token}|{tokenizer.eos_token}".encode()).hexdigest()[:16]
+
+
+class InstructionCollator:
+    """Pads each batch to its own longest row; padding is masked out of attention and of the loss."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            attention_mask[i, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class ResumableSampler(Sampler[int]):
+    """A seeded shuffle per epoch, split across ranks, that can start mid-epoch.
+
+    Lightning restores the step counters of a mid-epoch checkpoint but replays the epoch's data from its first
+    batch; skipping the batches already trained on keeps a resumed run on the data order of an unbroken one.
+    """
+
+    def __init__(self, num_samples: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples // self.num_replicas
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator)[: len(self) * self.num_replicas]
+        mine = order[self.rank :: self.num_replicas].tolist()
+        skip, self.skip = self.skip, 0
+        yield from mine[skip:]
+
+
+class InstructionDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        source: str,
+        path: str | None,
+        split: str,
+        num_examples: int | None,
+        format: str,
+        prompt_template: str,
+        prompt_template_no_input: str,
+        max_length: int,
+        batch_size: int,
+        val_size: float,
+        max_val_examples: int | None,
+        num_workers: int,
+        seed: int,
+        cache_dir: str,
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.source, self.path, self.split, self.num_examples = source, path, split, num_examples
+        self.format = format
+        self.templates = (prompt_template, prompt_template_no_input)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.max_val_examples = max_val_examples
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.train: Dataset | None = None
+        self.val: Dataset | None = None
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: downloads and tokenizes into the datasets cache that setup() reads.
+        self.tokenized()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        splits = self.tokenized().train_test_split(test_size=self._val_count(), seed=self.seed, shuffle=True)
+        self.train, self.val = splits["train"], splits["test"]
+        if self.max_val_examples is not None and len(self.val) > self.max_val_examples:
+            self.val = self.val.select(range(self.max_val_examples))
+        log.info("data: %d train / %d val examples", len(self.train), len(self.val))
+
+    def tokenized(self) -> Dataset:
+        rows = load_rows(self.source, self.path, self.split, self.num_examples, self.cache_dir, self.seed)
+        fmt = detect_format(rows.column_names) if self.format == "auto" else self.format
+        tokenizer, templates, max_length = self.tokenizer, self.templates, self.max_length
+
+        def tokenize(row: dict) -> dict:
+            prompt, answer = split_prompt_answer(row, fmt, templates, tokenizer)
+            return tokenize_example(prompt, answer, tokenizer, max_length, add_bos=fmt == "alpaca")
+
+        fingerprint = hashlib.sha256(
+            json.dumps([rows._fingerprint, tokenizer_fingerprint(tokenizer), fmt, templates, max_length, TOKENIZATION_VERSION]).encode()
+        ).hexdigest()[:16]
+        tokenized = rows.map(tokenize, remove_columns=rows.column_names, new_fingerprint=fingerprint, desc="tokenizing")
+        # A prompt longer than max_length leaves nothing to learn from.
+        return tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]),
+                                new_fingerprint=f"{fingerprint}-answerable")
+
+    def _val_count(self) -> int | float:
+        return int(self.val_size) if self.val_size >= 1 else self.val_size
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = ResumableSampler(len(self.train), self.seed, trainer.world_size, trainer.global_rank)
+        sampler.set_epoch(trainer.current_epoch)
+        sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size
+        return self._loader(self.train, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, sampler=None)
+
+    def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
+        return DataLoader(
+            dataset.with_format(columns=["input_ids", "labels"]),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            drop_last=sampler is not None,
+            collate_fn=InstructionCollator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

@@ -1,0 +1,74 @@
+"""Builds the `logger` group and records what makes a run reproducible: config, command line, git commit."""
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger, MLFlowLogger
+from omegaconf import DictConfig, OmegaConf
+
+SECRET_MARKERS = ("token", "password", "secret", "api_key")
+
+
+def build_logger(cfg: DictConfig) -> Logger | None:
+    if not cfg.logger:
+        return None
+    spec = OmegaConf.to_container(cfg.logger, resolve=True)
+    if spec["_target_"].endswith("MLFlowLogger"):
+        if not spec["tracking_uri"].startswith(("sqlite:", "file:")) and "://" in spec["tracking_uri"]:
+            spec.pop("artifact_location", None)  # a tracking server decides where artifacts go
+        spec["tags"] = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **git_tags(cfg.paths.root)}
+    return instantiate(spec)
+
+
+def git_tags(root: str) -> dict[str, str]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"), "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no")))}
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+
+
+def public_config(cfg: DictConfig) -> dict:
+    """The resolved config without the `hydra` node and without values whose key names a secret."""
+
+    def scrub(node):
+        if isinstance(node, dict):
+            return {k: "***" if any(m in k.lower() for m in SECRET_MARKERS) else scrub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        return node
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return scrub(container)
+
+
+def log_run_config(logger: Logger | None, cfg: DictConfig, extra: dict) -> None:
+    """Config as (flattened) params, plus the resolved YAML as an artifact of the MLflow run."""
+    if logger is None:
+        return
+    config = public_config(cfg)
+    logger.log_hyperparams({**config, **extra})
+    if isinstance(logger, MLFlowLogger):
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "config.yaml"
+            path.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
+            logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+def log_run_artifact(logger: Logger | None, path: Path) -> None:
+    if isinstance(logger, MLFlowLogger) and path.exists():
+        logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+def mark_failed(logger: Logger | None) -> None:
+    """Ends the MLflow run as FAILED when a run dies outside trainer.fit (which finalizes by itself)."""
+    if isinstance(logger, MLFlowLogger) and logger._run_id is not None:
+        run = logger.experiment.get_run(logger.run_id)
+        if run.info.status == "RUNNING":
+            logger.experiment.set_terminated(logger.run_id, "FAILED")

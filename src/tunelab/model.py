@@ -1,0 +1,68 @@
+"""Builds the `model` group: a transformers causal LM and its tokenizer."""
+
+import logging
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from tunelab.char_tokenizer import build_char_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def build_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
+    if cfg.tokenizer == "char":
+        return build_char_tokenizer()
+    source = cfg.tokenizer or cfg.name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None:
+        # Llama ships no pad token. Padding positions get label -100 from the collator, so reusing EOS is safe.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def model_dtype(cfg: DictConfig, precision_cfg: DictConfig) -> torch.dtype:
+    return getattr(torch, cfg.dtype or precision_cfg.model_dtype)
+
+
+def build_model(cfg: DictConfig, precision_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    dtype = model_dtype(cfg, precision_cfg)
+    if cfg.init == "pretrained":
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    else:
+        model = AutoModelForCausalLM.from_config(
+            architecture_config(cfg, tokenizer),
+            dtype=dtype,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def architecture_config(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase):
+    """The transformers config of a randomly initialised model: the `config` block, or the hub's config.json."""
+    if cfg.config is not None:
+        fields = OmegaConf.to_container(cfg.config, resolve=True)
+        model_type = fields.pop("model_type")
+        fields.setdefault("vocab_size", len(tokenizer))
+        fields.setdefault("bos_token_id", tokenizer.bos_token_id)
+        fields.setdefault("eos_token_id", tokenizer.eos_token_id)
+        fields.setdefault("pad_token_id", tokenizer.pad_token_id)
+        return AutoConfig.for_model(model_type, **fields)
+    return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

@@ -1,0 +1,60 @@
+"""The LightningModule: a causal LM trained on answer tokens, validated on loss and exact match."""
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from omegaconf import DictConfig
+from transformers import PreTrainedModel
+
+from tunelab.data import IGNORE_INDEX
+from tunelab.optim import build_optimizer, build_scheduler
+
+
+def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row: 1.0 when every answer token is the argmax prediction (teacher-forced), which is exactly when
+    greedy decoding from the prompt reproduces the answer."""
+    predictions = logits[:, :-1].argmax(-1)
+    targets = labels[:, 1:]
+    answer = targets != IGNORE_INDEX
+    correct = (predictions == targets) | ~answer
+    return correct.all(dim=1).float()
+
+
+class CausalLMModule(pl.LightningModule):
+    def __init__(self, model: PreTrainedModel, optim: DictConfig, adapter_only_checkpoints: bool = False):
+        super().__init__()
+        self.model = model
+        self.optim_cfg = optim
+        self.adapter_only_checkpoints = adapter_only_checkpoints
+        # The frozen base of an adapter-only checkpoint is rebuilt from config, not loaded.
+        self.strict_loading = not adapter_only_checkpoints
+
+    def forward(self, **batch):
+        return self.model(**batch)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.model(**batch).loss
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        outputs = self.model(**batch)
+        size = batch["input_ids"].size(0)
+        self.log("val/loss", outputs.loss, prog_bar=True, sync_dist=True, batch_size=size)
+        self.log("val/exact_match", exact_match(outputs.logits, batch["labels"]).mean(), prog_bar=True, sync_dist=True, batch_size=size)
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, self.optim_cfg)
+        total_steps = self.optim_cfg.total_steps or self.trainer.estimated_stepping_batches
+        scheduler = build_scheduler(optimizer, self.optim_cfg, int(total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = _collect_rng_states()
+        if self.adapter_only_checkpoints:
+            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])

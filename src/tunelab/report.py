@@ -1,0 +1,84 @@
+"""What a finished run tells its user: a short summary on the terminal and a loss-curve plot."""
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tunelab.callbacks import ObjectiveTracker  # noqa: E402
+
+
+def plot_loss_curves(tracker: ObjectiveTracker, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if tracker.train_loss:
+        steps, losses = zip(*tracker.train_loss)
+        ax.plot(steps, losses, label="train/loss", alpha=0.6)
+    val = [(v["step"], v["val/loss"]) for v in tracker.validations if "val/loss" in v]
+    if val:
+        steps, losses = zip(*val)
+        ax.plot(steps, losses, "o-", label="val/loss")
+    if any("val/exact_match" in v for v in tracker.validations):
+        acc = ax.twinx()
+        acc.plot([v["step"] for v in tracker.validations], [v.get("val/exact_match") for v in tracker.validations],
+                 "s--", color="tab:green", label="val/exact_match")
+        acc.set_ylabel("exact match")
+        acc.set_ylim(0, 1)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend(loc="upper center")
+    ax.set_title("tunelab: loss curves")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def summary_lines(tracker: ObjectiveTracker, objective: float, best_checkpoint: str | None, run_id: str | None,
+                  tracking_uri: str | None, tokens_per_second: float | None) -> list[str]:
+    last_val = tracker.validations[-1] if tracker.validations else {}
+    train_loss = tracker.train_loss[-1][1] if tracker.train_loss else float("nan")
+    lines = [
+        f"train/loss (last step)   {train_loss:.4f}",
+        f"val/loss (last)          {last_val.get('val/loss', float('nan')):.4f}",
+        f"val/exact_match (last)   {last_val.get('val/exact_match', float('nan')):.3f}",
+        f"objective {tracker.metric} ({tracker.mode})  {objective:.4f}",
+    ]
+    if tokens_per_second is not None:
+        lines.append(f"throughput               {tokens_per_second:,.0f} tokens/s")
+    lines.append(f"best checkpoint          {best_checkpoint or '-'}")
+    if run_id:
+        lines.append(f"MLflow run               {run_id}  (store {tracking_uri})")
+        lines.append("open the UI with         make ui   (http://127.0.0.1:5000)")
+    return lines
+
+
+def finish_run(cfg, trainer, tracker: ObjectiveTracker, model, tokenizer, output_dir: Path) -> None:
+    """Export, plot, log the objective and print the summary of a finished fit (rank 0 only)."""
+    from tunelab.callbacks import TokenThroughputMonitor
+    from tunelab.checkpoint import export_pretrained
+    from tunelab.logger import log_run_artifact
+
+    if cfg.export:
+        export_pretrained(model, tokenizer, output_dir / "export")
+    plot = plot_loss_curves(tracker, output_dir / "loss_curves.png")
+    logger = trainer.logger
+    run_id = getattr(logger, "run_id", None)
+    if logger is not None:
+        logger.log_metrics({"objective": tracker.best}, step=trainer.global_step)
+        log_run_artifact(logger, plot)
+    throughput = next((c for c in trainer.callbacks if isinstance(c, TokenThroughputMonitor)), None)
+    checkpoint = trainer.checkpoint_callback
+    lines = summary_lines(
+        tracker,
+        tracker.best,
+        getattr(checkpoint, "best_model_path", None) or None,
+        run_id,
+        getattr(logger, "_tracking_uri", None),
+        throughput.tokens_per_second if throughput else None,
+    )
+    lines.append(f"loss curves              {plot}")
+    print("\n".join(["", "── tunelab run summary " + "─" * 40, *lines, ""]), flush=True)

@@ -1,0 +1,37 @@
+"""The embedded instruction task: short string transformations a few-million-parameter model learns on a CPU
+in about a minute, with an unambiguous answer so exact match is a meaningful metric."""
+
+import json
+import os
+import random
+from pathlib import Path
+
+OPERATIONS = {
+    "reverse": lambda word: word[::-1],
+    "upper": str.upper,
+    "double": lambda word: word + word,
+}
+LETTERS = "abcdefghijklmnop"
+# Part of the file name: bump it whenever the generated rows change, so no stale file is reused.
+TASK_VERSION = 2
+
+
+def make_example(rng: random.Random) -> dict[str, str]:
+    instruction = rng.choice(sorted(OPERATIONS))
+    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+    return {"instruction": instruction, "input": word, "output": OPERATIONS[instruction](word)}
+
+
+def write_tiny_task(directory: Path, num_examples: int, seed: int) -> Path:
+    """Writes the task as alpaca-style JSON lines once per (size, seed) and returns the file's path."""
+    path = Path(directory) / f"tiny-task-v{TASK_VERSION}-{num_examples}-seed{seed}.jsonl"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        for _ in range(num_examples):
+            f.write(json.dumps(make_example(rng)) + "\n")
+    tmp.replace(path)  # atomic, so parallel sweep workers never read half a file
+    return path

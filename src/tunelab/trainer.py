@@ -1,0 +1,29 @@
+"""Builds the Lightning Trainer from the `trainer` knobs and the strategy, precision, callbacks and logger groups."""
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ProgressBar
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from tunelab.strategy import build_strategy, strategy_accelerator, strategy_devices
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger | None) -> pl.Trainer:
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if not kwargs["enable_progress_bar"]:
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    if logger is None:
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]  # it has nowhere to log
+    kwargs.update(
+        accelerator=strategy_accelerator(cfg.strategy, cfg.trainer),
+        devices=strategy_devices(cfg.strategy, cfg.trainer),
+        strategy=build_strategy(cfg.strategy),
+        precision=cfg.precision.value,
+        callbacks=callbacks,
+        logger=logger if logger is not None else False,
+        # tunelab's ResumableSampler already splits the data across ranks.
+        use_distributed_sampler=False,
+        enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
+    )
+    kwargs["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)
+    return pl.Trainer(**kwargs)

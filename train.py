@@ -1,0 +1,61 @@
+"""tunelab's one entry point: compose the config, build each part from its group, fit, return the objective."""
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from tunelab.callbacks import ObjectiveTracker, build_callbacks
+from tunelab.checkpoint import resolve_ckpt_path
+from tunelab.config import ConfigError, validate_config
+from tunelab.logger import build_logger, log_run_config, mark_failed
+from tunelab.model import build_model, build_tokenizer, count_parameters
+from tunelab.module import CausalLMModule
+from tunelab.peft import apply_peft
+from tunelab.report import finish_run
+from tunelab.trainer import build_trainer
+
+log = logging.getLogger("tunelab")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        validate_config(cfg)
+        ckpt_path = resolve_ckpt_path(cfg)
+    except ConfigError as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper records the trial as failed and goes on
+        sys.exit(f"tunelab: error: {error}")
+
+    pl.seed_everything(cfg.seed, workers=True)
+    tokenizer = build_tokenizer(cfg.model)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer), cfg.peft)
+    trainable, total = count_parameters(model)
+    log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    module = CausalLMModule(model, cfg.optim, adapter_only_checkpoints=bool(cfg.peft))
+
+    tracker = ObjectiveTracker(cfg.objective.metric, cfg.objective.mode)
+    callbacks = [*build_callbacks(cfg.callbacks), tracker]
+    logger = build_logger(cfg)
+    trainer = build_trainer(cfg, callbacks, logger)
+    try:
+        log_run_config(logger, cfg, {"trainable_params": trainable, "total_params": total})
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if trainer.is_global_zero:
+            finish_run(cfg, trainer, tracker, model, tokenizer, Path(cfg.paths.output_dir))
+    except BaseException:
+        mark_failed(logger)
+        raise
+    return tracker.best
+
+
+if __name__ == "__main__":
+    main()
