@@ -8,12 +8,12 @@ import hydra
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tunelab.callbacks import ObjectiveTracker, build_callbacks
 from tunelab.checkpoint import resolve_ckpt_path
 from tunelab.config import ConfigError, validate_config
+from tunelab.data import build_datamodule
 from tunelab.logger import build_logger, log_run_config, mark_failed
 from tunelab.model import build_model, build_tokenizer, count_parameters
 from tunelab.module import CausalLMModule
@@ -24,7 +24,7 @@ from tunelab.trainer import build_trainer
 log = logging.getLogger("tunelab")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@hydra.main(config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
         validate_config(cfg)
@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> float:
 
     pl.seed_everything(cfg.seed, workers=True)
     tokenizer = build_tokenizer(cfg.model)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+    datamodule = build_datamodule(cfg.data, tokenizer)
     model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer), cfg.peft)
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

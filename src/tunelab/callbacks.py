@@ -89,4 +89,5 @@ class ObjectiveTracker(pl.Callback):
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    return [instantiate(spec) for spec in (cfg or {}).values() if spec is not None]
+    allowed = ["lightning.pytorch.callbacks.*", "tunelab.callbacks.*"]
+    return [instantiate(spec, _execution_whitelist_=allowed) for spec in (cfg or {}).values() if spec is not None]

@@ -9,6 +9,8 @@ from typing import Any, Iterator
 import lightning.pytorch as pl
 import torch
 from datasets import Dataset, load_dataset
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
@@ -215,3 +217,7 @@ class InstructionDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+
+def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> InstructionDataModule:
+    return instantiate(cfg, tokenizer=tokenizer, _execution_whitelist_=["tunelab.data.*"])

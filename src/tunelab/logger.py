@@ -20,7 +20,7 @@ def build_logger(cfg: DictConfig) -> Logger | None:
         if not spec["tracking_uri"].startswith(("sqlite:", "file:")) and "://" in spec["tracking_uri"]:
             spec.pop("artifact_location", None)  # a tracking server decides where artifacts go
         spec["tags"] = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **git_tags(cfg.paths.root)}
-    return instantiate(spec)
+    return instantiate(spec, _execution_whitelist_=["lightning.pytorch.loggers.*"])
 
 
 def git_tags(root: str) -> dict[str, str]:

@@ -13,4 +13,4 @@ def apply_peft(model: PreTrainedModel, cfg: DictConfig) -> PreTrainedModel:
         # With a frozen embedding no activation entering the checkpointed blocks requires grad, and the
         # adapters inside them would get none.
         model.enable_input_require_grads()
-    return get_peft_model(model, instantiate(cfg, _convert_="all"))
+    return get_peft_model(model, instantiate(cfg, _convert_="all", _execution_whitelist_=["peft.*"]))

@@ -1,11 +1,20 @@
-"""Builds the `strategy` group: a Lightning strategy plus the devices it runs on."""
+"""Builds the `strategy` group: a Lightning strategy plus the devices it runs on.
 
+FSDP options get two tunelab keys on top of FSDPStrategy's own arguments: `auto_wrap: decoder_layers` wraps each
+decoder layer of whatever model is loaded (the classes transformers lists in `_no_split_modules`), and
+`activation_checkpointing: true` recomputes those same layers in the backward pass.
+"""
+
+import torch
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies import Strategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 
 # Keys of a strategy option that describe where it runs rather than arguments of the strategy class.
 PLACEMENT_KEYS = ("name", "devices", "accelerator")
+# Keys tunelab turns into FSDPStrategy arguments once the model is known.
+FSDP_MODEL_KEYS = ("auto_wrap", "activation_checkpointing")
+AUTO_WRAP_CHOICES = (None, "decoder_layers")
 
 
 def strategy_devices(cfg: DictConfig, trainer_cfg: DictConfig):
@@ -17,8 +26,36 @@ def strategy_accelerator(cfg: DictConfig, trainer_cfg: DictConfig) -> str:
     return cfg.get("accelerator") or trainer_cfg.accelerator
 
 
-def build_strategy(cfg: DictConfig) -> Strategy | str:
+def is_known_strategy(cfg: DictConfig) -> bool:
+    """An option either names its class (`_target_`) or one of Lightning's registered strategy names."""
+    return "_target_" in cfg or cfg.name == "auto" or cfg.name in StrategyRegistry
+
+
+def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
+    """The model's repeated block classes, as transformers declares them (`_no_split_modules`), e.g. LlamaDecoderLayer
+    or Qwen2DecoderLayer. A PEFT wrapper forwards the attribute to the model it wraps."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    classes = {type(module) for module in model.modules() if type(module).__name__ in names}
+    if not classes:
+        raise ValueError(
+            f"{type(model).__name__} declares no decoder-layer class (_no_split_modules={sorted(names)}) that occurs in it; "
+            "use strategy.auto_wrap=null"
+        )
+    return classes
+
+
+def build_strategy(cfg: DictConfig, model: torch.nn.Module | None = None) -> Strategy | str:
     if "_target_" not in cfg:
         return cfg.name
     arguments = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in PLACEMENT_KEYS}
+    auto_wrap = arguments.pop("auto_wrap", None)
+    checkpointing = arguments.pop("activation_checkpointing", False)
+    if auto_wrap == "decoder_layers" or checkpointing:
+        if model is None:
+            raise ValueError(f"strategy {cfg.name}: auto_wrap and activation_checkpointing need the model")
+        layers = decoder_layer_classes(model)
+        if auto_wrap == "decoder_layers":
+            arguments["auto_wrap_policy"] = layers
+        if checkpointing:
+            arguments["activation_checkpointing_policy"] = layers
     return instantiate(arguments, _convert_="all")

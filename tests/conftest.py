@@ -1,0 +1,51 @@
+"""Shared helpers: compose the real config, and run the real `train.py` in a subprocess on the embedded default."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Keep test runs short and quiet; each test adds what it is about.
+FAST = ["trainer.max_steps=20", "trainer.val_check_interval=10", "data.num_examples=400", "callbacks.progress_bar=null"]
+
+
+@pytest.fixture(scope="session")
+def dataset_cache(tmp_path_factory) -> Path:
+    """One datasets cache for the session, so the tiny task is generated and tokenized once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path) -> DictConfig:
+    """The config `train.py` would get, with the run-time paths a Hydra run would fill in."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF)):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.root = str(ROOT)
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(cache_dir)
+    return cfg
+
+
+def run_train(args: list[str], run_dir: Path, cache_dir: Path, tracking_uri: str | None = None, check: bool = True,
+              timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TUNELAB_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
+    env["MLFLOW_TRACKING_URI"] = tracking_uri or f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result

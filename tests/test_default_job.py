@@ -1,0 +1,58 @@
+"""The default job (`python train.py`) trains the embedded model on the embedded task, learns, and is tracked."""
+
+import math
+
+import mlflow
+import pytest
+import yaml
+
+from tests.conftest import run_train
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, dataset_cache):
+    base = tmp_path_factory.mktemp("default")
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    result = run_train(["callbacks.progress_bar=null"], base / "run", dataset_cache, tracking_uri=uri)
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    assert len(runs) == 1
+    return result, client, runs[0], base / "run"
+
+
+def test_default_job_learns(default_run):
+    _, client, run, _ = default_run
+    val_loss = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val/loss"), key=lambda m: m.step)]
+    exact = [m.value for m in sorted(client.get_metric_history(run.info.run_id, "val/exact_match"), key=lambda m: m.step)]
+    assert len(val_loss) >= 3
+    assert val_loss[-1] <= 0.5 * val_loss[0], val_loss
+    assert exact[-1] > exact[0] and exact[-1] >= 0.1, exact
+
+
+def test_mlflow_run_records_config_metrics_and_artifacts(default_run):
+    _, client, run, run_dir = default_run
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["optim/lr"] == "0.003"
+    assert params["model/config/hidden_size"] == "192"
+    assert int(params["trainable_params"]) == int(params["total_params"]) > 1_000_000
+    assert "git_commit" in run.data.tags and run.data.tags["command"].startswith("train.py")
+    for metric in ("train/loss", "val/loss", "val/exact_match", "train/tokens_per_s", "grad_norm/decay", "objective"):
+        assert metric in run.data.metrics, metric
+    assert any(key.startswith("lr-") for key in run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "loss_curves.png"} <= artifacts
+    config = yaml.safe_load(open(client.download_artifacts(run.info.run_id, "config.yaml")))
+    assert config["model"]["config"]["hidden_size"] == 192 and "hydra" not in config
+
+
+def test_summary_names_losses_checkpoint_and_run(default_run):
+    result, _, run, run_dir = default_run
+    summary = result.stdout[result.stdout.index("tunelab run summary"):]
+    for line in ("val/loss (last)", "val/exact_match (last)", "best checkpoint", run.info.run_id, "make ui"):
+        assert line in summary
+    best = float(summary.split("objective val/loss (min)")[1].split()[0])
+    assert math.isclose(best, run.data.metrics["objective"], rel_tol=1e-4)
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "export" / "config.json").is_file()
+    assert (run_dir / "loss_curves.png").stat().st_size > 10_000
