@@ -1,8 +1,10 @@
 """The LightningModule: a causal LM trained on answer tokens, validated on loss and exact match."""
 
+import random
+
 import lightning.pytorch as pl
+import numpy as np
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
@@ -18,6 +20,31 @@ def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     answer = targets != IGNORE_INDEX
     correct = (predictions == targets) | ~answer
     return correct.all(dim=1).float()
+
+
+def rng_states() -> dict:
+    """Every RNG a training step may draw from, in types torch.load(weights_only=True) accepts."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), position, has_gauss, cached),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy(), position, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as state_dict() writes it: without the prefixes of FSDP and activation-checkpoint wrappers."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
 
 
 class CausalLMModule(pl.LightningModule):
@@ -50,11 +77,12 @@ class CausalLMModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["rng_states"] = _collect_rng_states()
-        if self.adapter_only_checkpoints:
-            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["rng_states"] = rng_states()
+        # A sharded FSDP checkpoint keeps the frozen base too: its loader reads back every key the model has.
+        if self.adapter_only_checkpoints and getattr(self.trainer.strategy, "_state_dict_type", None) != "sharded":
+            trainable = {unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
+            restore_rng_states(checkpoint["rng_states"])

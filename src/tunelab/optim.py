@@ -37,7 +37,8 @@ def warmup_cosine(total_steps: int, warmup: int, min_lr_ratio: float):
     def multiplier(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        # Reaches min_lr_ratio exactly at the last optimizer step (index total_steps - 1).
+        progress = min(1.0, (step - warmup) / max(1, total_steps - 1 - warmup))
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return multiplier

@@ -1,0 +1,61 @@
+"""AdamW parameter groups and the warmup-cosine schedule, checked on a real Trainer run."""
+
+import math
+
+import mlflow
+import pytest
+from omegaconf import OmegaConf
+
+from tests.conftest import FAST, compose_config, run_train
+from tunelab.char_tokenizer import build_char_tokenizer
+from tunelab.model import build_model
+from tunelab.optim import build_optimizer, warmup_cosine
+from tunelab.peft import apply_peft
+
+
+def test_no_weight_decay_on_biases_and_norms(tmp_path, dataset_cache):
+    cfg = compose_config(["+model.config.attention_bias=true"], tmp_path, dataset_cache)
+    model = build_model(cfg.model, cfg.precision, build_char_tokenizer())
+    optimizer = build_optimizer(model, cfg.optim)
+    by_group = {g["name"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
+    assert {g["name"]: g["weight_decay"] for g in optimizer.param_groups} == {"decay": 0.01, "no_decay": 0.0}
+    for name, param in model.named_parameters():
+        no_decay = name.endswith(".bias") or "norm" in name
+        assert (id(param) in by_group["no_decay"]) == no_decay, name
+        assert (id(param) in by_group["decay"]) == (not no_decay), name
+
+
+def test_only_trainable_parameters_reach_the_optimizer(tmp_path, dataset_cache):
+    cfg = compose_config(["peft=lora"], tmp_path, dataset_cache)
+    model = apply_peft(build_model(cfg.model, cfg.precision, build_char_tokenizer()), cfg.peft)
+    optimizer = build_optimizer(model, cfg.optim)
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert in_optimizer == {id(p) for p in model.parameters() if p.requires_grad}
+    assert all("lora_" in n for n, p in model.named_parameters() if id(p) in in_optimizer)
+
+
+def test_schedule_shape():
+    multiplier = warmup_cosine(total_steps=100, warmup=10, min_lr_ratio=0.1)
+    assert multiplier(0) == pytest.approx(1 / 11)
+    assert multiplier(10) == pytest.approx(1.0)
+    assert multiplier(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 89)))
+    assert multiplier(99) == pytest.approx(0.1)
+
+
+def test_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, dataset_cache):
+    """400 examples, 20 held out, batch 8 → 47 batches; accumulating 4 makes 12 optimizer steps, and the
+    schedule must span exactly those: warmup to the peak at step 3, cosine down to lr * 0.1 at step 11."""
+    args = [*FAST, "trainer.max_steps=-1", "trainer.max_epochs=1", "trainer.val_check_interval=1.0",
+            "trainer.check_val_every_n_epoch=1", "data.batch_size=8", "data.val_size=20", "trainer.accumulate_grad_batches=4",
+            "optim.lr=0.002", "optim.warmup_steps=3", "optim.warmup_ratio=null", "trainer.log_every_n_steps=1"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_train(args, tmp_path / "run", dataset_cache, tracking_uri=uri)
+    client = mlflow.MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])[0]
+    lr_key = next(k for k in run.data.metrics if k.startswith("lr-") and k.endswith("decay") and "no_decay" not in k)
+    lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, lr_key)}
+    assert sorted(lrs) == list(range(12)), lrs
+    expected = warmup_cosine(total_steps=12, warmup=3, min_lr_ratio=0.1)
+    for step, lr in lrs.items():
+        assert lr == pytest.approx(0.002 * expected(step)), step
+    assert lrs[0] == pytest.approx(0.002 / 4) and lrs[3] == pytest.approx(0.002) and lrs[11] == pytest.approx(0.0002)
