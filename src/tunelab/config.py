@@ -3,14 +3,17 @@
 Every problem is reported as one ConfigError line that says what is wrong and how to fix it.
 """
 
+import importlib.util
 import logging
+import os
+import zipfile
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tunelab.precision import precision_warnings
-from tunelab.strategy import strategy_accelerator, strategy_devices
+from tunelab.strategy import AUTO_WRAP_CHOICES, is_known_strategy, strategy_accelerator, strategy_devices
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +59,15 @@ def check_model(cfg: DictConfig) -> None:
 
 def check_data(cfg: DictConfig) -> None:
     data = cfg.data
-    if data.source not in ("tiny", "hub", "jsonl"):
-        raise ConfigError(f"data.source={data.source} is not one of: tiny, hub, jsonl")
-    if data.source == "jsonl" and not Path(str(data.path)).expanduser().is_file():
-        raise ConfigError(f"data.path={data.path}: no such file; data=jsonl needs data.path=/path/to/rows.jsonl")
+    if data.source == "random_tokens":
+        if data.batch_size < 1 or data.max_length < 2 or data.num_examples < data.batch_size or data.val_size < 1:
+            raise ConfigError("data=random_tokens needs batch_size >= 1, max_length >= 2, num_examples >= batch_size, val_size >= 1")
+        return
+    if data.source not in ("tiny", "hub", "jsonl", "random_tokens"):
+        raise ConfigError(f"data.source={data.source} is not one of: tiny, hub, jsonl, random_tokens")
+    if data.source == "jsonl" and (OmegaConf.is_missing(data, "path") or not Path(str(data.path)).expanduser().is_file()):
+        path = "???" if OmegaConf.is_missing(data, "path") else data.path
+        raise ConfigError(f"data.path={path}: no such file; data=jsonl needs data.path=/path/to/rows.jsonl")
     if data.format not in ("alpaca", "chat", "auto"):
         raise ConfigError(f"data.format={data.format} is not one of: alpaca, chat, auto")
     if data.batch_size < 1 or data.max_length < 2:
@@ -88,10 +96,14 @@ def check_placement(cfg: DictConfig) -> None:
     strategy, trainer = cfg.strategy, cfg.trainer
     if cfg.precision.value not in PRECISIONS:
         raise ConfigError(f"precision {cfg.precision.value} is not one of: {', '.join(sorted(PRECISIONS))}")
+    if not is_known_strategy(strategy):
+        raise ConfigError(f"strategy.name={strategy.name} is not a Lightning strategy: use an option of conf/strategy or give a _target_")
     accelerator = strategy_accelerator(strategy, trainer)
     devices = strategy_devices(strategy, trainer)
     gpus = torch.cuda.device_count()
     uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0)
+    check_sharding(strategy, uses_gpu)
+    check_nodes(trainer.num_nodes, devices)
     if uses_gpu:
         wanted = gpus if devices in ("auto", -1) else (len(devices) if not isinstance(devices, int) else devices)
         if wanted > gpus or gpus == 0:
@@ -102,10 +114,46 @@ def check_placement(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.profiler={trainer.profiler} is not one of: null, simple, advanced, pytorch")
 
 
+def check_sharding(strategy: DictConfig, uses_gpu: bool) -> None:
+    target = str(strategy.get("_target_", ""))
+    if target.endswith(("FSDPStrategy", "DeepSpeedStrategy")) and not uses_gpu:
+        raise ConfigError(f"strategy {strategy.name} needs GPUs (Lightning's FSDP and DeepSpeed refuse CPU); on CPU use strategy=ddp trainer.accelerator=cpu")
+    if target.endswith("DeepSpeedStrategy") and importlib.util.find_spec("deepspeed") is None:
+        raise ConfigError(f"strategy {strategy.name} needs the deepspeed package: pip install 'tunelab[deepspeed]'")
+    if strategy.get("auto_wrap", None) not in AUTO_WRAP_CHOICES:
+        raise ConfigError(f"strategy.auto_wrap={strategy.auto_wrap} is not one of: null, decoder_layers")
+    if strategy.get("state_dict_type", "full") not in ("full", "sharded"):
+        raise ConfigError(f"strategy.state_dict_type={strategy.state_dict_type} is not one of: full, sharded")
+
+
+def check_nodes(num_nodes, devices) -> None:
+    """Several nodes need every process started from outside (torchrun on each node, or SLURM); under torchrun the
+    process counts it was given must be the ones the config asks for."""
+    if not isinstance(num_nodes, int) or num_nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={num_nodes} must be an integer >= 1")
+    torchrun = "LOCAL_WORLD_SIZE" in os.environ and "WORLD_SIZE" in os.environ
+    if num_nodes > 1 and not torchrun and "SLURM_NTASKS" not in os.environ:
+        raise ConfigError(
+            f"trainer.num_nodes={num_nodes} needs a multi-node launch: torchrun --nnodes={num_nodes} on every node, "
+            "or hydra/launcher=submitit_slurm (docs/scale-out.md)"
+        )
+    if torchrun and isinstance(devices, int):
+        local, world = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ["WORLD_SIZE"])
+        if (local, world) != (devices, devices * num_nodes):
+            raise ConfigError(
+                f"torchrun started {local} processes per node, {world} in all, but the config asks for "
+                f"devices={devices} x num_nodes={num_nodes}: make --nproc-per-node and --nnodes match"
+            )
+
+
 def check_run(cfg: DictConfig) -> None:
     if cfg.objective.mode not in ("min", "max"):
         raise ConfigError(f"objective.mode={cfg.objective.mode} is not one of: min, max")
     if cfg.objective.metric not in VALIDATION_METRICS:
         raise ConfigError(f"objective.metric={cfg.objective.metric} is not one of: {', '.join(sorted(VALIDATION_METRICS))}")
-    if cfg.ckpt_path not in (None, "last") and not Path(cfg.ckpt_path).expanduser().is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (or use ckpt_path=last)")
+    if cfg.ckpt_path not in (None, "last"):
+        path = Path(cfg.ckpt_path).expanduser()
+        if not path.exists():
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint (or use ckpt_path=last)")
+        if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes zip archives; sharded ones are dirs
+            raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a PyTorch checkpoint (truncated or another kind of file)")
