@@ -2,10 +2,12 @@
 
 import math
 import time
+from datetime import timedelta
 
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig
 
 
@@ -58,6 +60,26 @@ class TokenThroughputMonitor(pl.Callback):
         self.tokens += tokens
         self.seconds += seconds
         pl_module.log("train/tokens_per_s", tokens / seconds, prog_bar=True, on_step=True, on_epoch=False)
+
+
+class RunProgressBar(RichProgressBar):
+    """Lightning's rich bar counts batches of the current epoch; this one also shows the run's optimizer step out of
+    max_steps and the time left for the whole run (validation included)."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._started = (time.perf_counter(), trainer.global_step)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        start_time, start_step = getattr(self, "_started", (None, 0))
+        done = trainer.global_step - start_step
+        if trainer.max_steps > 0 and done > 0:
+            per_step = (time.perf_counter() - start_time) / done
+            items["step"] = f"{trainer.global_step}/{trainer.max_steps}"
+            items["eta"] = str(timedelta(seconds=round(per_step * (trainer.max_steps - trainer.global_step))))
+        return items
 
 
 class ObjectiveTracker(pl.Callback):
