@@ -69,6 +69,12 @@ def test_option_composes_validates_and_builds(group, option, tmp_path, dataset_c
         assert not isinstance(logger, MLFlowLogger) or logger._tracking_uri.startswith("sqlite:")
 
 
+def test_a_callback_switches_off_by_override(tmp_path, dataset_cache):
+    cfg = compose_config(["callbacks.early_stopping=null"], tmp_path, dataset_cache)
+    names = {type(c).__name__ for c in build_callbacks(cfg.callbacks)}
+    assert "EarlyStopping" not in names and {"ModelCheckpoint", "GradNormMonitor", "TokenThroughputMonitor"} <= names
+
+
 def test_hub_model_option_loads_a_local_directory(tmp_path, dataset_cache):
     """`model=llama1b model.name_or_path=<dir>` goes through from_pretrained exactly as a hub id would."""
     cfg = compose_config([], tmp_path, dataset_cache)

@@ -1,6 +1,7 @@
 """LoRA: only the adapters train, checkpoints hold only them, and the adapter exports with save_pretrained."""
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from peft import PeftModel
 
@@ -12,8 +13,9 @@ from tunelab.module import CausalLMModule
 from tunelab.peft import apply_peft
 
 
-def test_only_adapter_parameters_change(tmp_path, dataset_cache):
-    cfg = compose_config(["peft=lora", "data.num_examples=200"], tmp_path, dataset_cache)
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_only_adapter_parameters_change(tmp_path, dataset_cache, checkpointing):
+    cfg = compose_config(["peft=lora", "data.num_examples=200", f"model.gradient_checkpointing={checkpointing}"], tmp_path, dataset_cache)
     tokenizer = build_char_tokenizer()
     model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer), cfg.peft)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
