@@ -1,0 +1,80 @@
+"""The job side of a study sweep: ties a training run to the Optuna trial it is, reports and prunes.
+
+Hydra's sweeper never hands the `optuna.Trial` to the job (facebookresearch/hydra#1710), and the job may run in
+another process or on another machine, so the job re-opens its trial from the study's storage: the study name and
+storage come from the sweeper's config, the trial number is the job number (the sweeper launches each trial with
+its number as job number).
+"""
+
+import functools
+import logging
+
+import lightning.pytorch as pl
+import optuna
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import MLFlowLogger
+from omegaconf import DictConfig
+
+from tunelab.study_storage import open_storage, trial_id
+
+log = logging.getLogger(__name__)
+
+SWEEPER_TARGET = "tunelab.study_sweeper.StudySweeper"
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+RUN_ATTR = "mlflow_run_id"
+PRUNED_ATTR = "pruned_at_step"
+
+
+class StudyTrialCallback(pl.Callback):
+    """Nests the run's MLflow run under the study's, reports each validation's objective and stops pruned trials."""
+
+    def __init__(self, trial: optuna.Trial, metric: str):
+        self.trial = trial
+        self.metric = metric
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logger = trainer.logger
+        if not trainer.is_global_zero or not isinstance(logger, MLFlowLogger):
+            return
+        tags = {"optuna.study_name": self.trial.study.study_name, "optuna.trial_number": str(self.trial.number)}
+        if parent := self.trial.study.user_attrs.get(PARENT_RUN_ATTR):
+            tags["mlflow.parentRunId"] = parent
+        for key, value in tags.items():
+            logger.experiment.set_tag(logger.run_id, key, value)
+        self.trial.set_user_attr(RUN_ATTR, logger.run_id)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        prune = False
+        if trainer.is_global_zero and (value := trainer.callback_metrics.get(self.metric)) is not None:
+            self.trial.report(float(value), step=trainer.global_step)
+            prune = self.trial.should_prune()
+        # Every rank must stop together, or the ones still training wait forever in their next collective.
+        if trainer.strategy.broadcast(prune, src=0):
+            if trainer.is_global_zero:
+                self.trial.set_user_attr(PRUNED_ATTR, trainer.global_step)
+                log.info("trial %d pruned at step %d", self.trial.number, trainer.global_step)
+            trainer.should_stop = True
+
+
+def study_trial_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """[StudyTrialCallback] when this run is a trial of a tunelab study sweep, else []."""
+    hydra = HydraConfig.get()
+    if hydra.mode != RunMode.MULTIRUN or hydra.sweeper.get("_target_") != SWEEPER_TARGET:
+        return []
+    return [StudyTrialCallback(open_trial(hydra.sweeper, hydra.job.num), cfg.objective.metric)]
+
+
+def open_trial(sweeper: DictConfig, number: int) -> optuna.Trial:
+    storage = shared_storage(sweeper.storage)
+    study = optuna.load_study(study_name=sweeper.study_name, storage=storage, pruner=instantiate(sweeper.pruner, _execution_whitelist_=["optuna.pruners.*"]))
+    return optuna.Trial(study, trial_id(storage, sweeper.study_name, number))
+
+
+@functools.cache
+def shared_storage(location: str):
+    # One storage (one connection pool) per process, however many trials run in it.
+    return open_storage(location)
