@@ -19,6 +19,7 @@ from tunelab.model import build_model, build_tokenizer, count_parameters
 from tunelab.module import CausalLMModule
 from tunelab.peft import apply_peft
 from tunelab.report import finish_run
+from tunelab.study_trial import study_trial_callbacks
 from tunelab.trainer import build_trainer
 
 log = logging.getLogger("tunelab")
@@ -43,7 +44,7 @@ def main(cfg: DictConfig) -> float:
     module = CausalLMModule(model, cfg.optim, adapter_only_checkpoints=bool(cfg.peft))
 
     tracker = ObjectiveTracker(cfg.objective.metric, cfg.objective.mode)
-    callbacks = [*build_callbacks(cfg.callbacks), tracker]
+    callbacks = [*build_callbacks(cfg.callbacks), tracker, *study_trial_callbacks(cfg)]
     logger = build_logger(cfg)
     trainer = build_trainer(cfg, callbacks, logger)
     try:
