@@ -13,7 +13,7 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     if cfg.ckpt_path != "last":
         return cfg.ckpt_path
     own = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
-    if own.is_file():
+    if own.exists():  # a file, or the directory of a sharded FSDP checkpoint
         return str(own)
     candidates = sorted(Path(cfg.paths.root, "outputs").glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if not candidates:

@@ -221,3 +221,36 @@ class InstructionDataModule(pl.LightningDataModule):
 
 def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> InstructionDataModule:
     return instantiate(cfg, tokenizer=tokenizer, _execution_whitelist_=["tunelab.data.*"])
+
+
+class RandomTokenDataModule(pl.LightningDataModule):
+    """Fixed-length rows of random token ids, every position a target: a throughput benchmark's data, not a task."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, num_examples: int, max_length: int, batch_size: int,
+                 val_size: int, seed: int, **_ignored: Any):
+        super().__init__()
+        self.vocab_size = len(tokenizer)
+        self.num_examples, self.max_length, self.batch_size = num_examples, max_length, batch_size
+        self.val_size, self.seed = int(val_size), seed
+
+    def _rows(self, count: int, offset: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + offset)
+        return torch.randint(0, self.vocab_size, (count, self.max_length), generator=generator)
+
+    def _loader(self, rows: torch.Tensor, sampler: Sampler | None) -> DataLoader:
+        def collate(indices: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            ids = torch.stack(indices)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+        return DataLoader(list(rows), batch_size=self.batch_size, sampler=sampler, drop_last=sampler is not None,
+                          collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = ResumableSampler(self.num_examples, self.seed, trainer.world_size, trainer.global_rank)
+        sampler.set_epoch(trainer.current_epoch)
+        sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size
+        return self._loader(self._rows(self.num_examples, 0), sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._rows(self.val_size, 1), sampler=None)

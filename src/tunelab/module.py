@@ -6,6 +6,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import PreTrainedModel
 
 from tunelab.data import IGNORE_INDEX
@@ -42,17 +43,14 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def unwrapped_name(name: str) -> str:
-    """A parameter's name as state_dict() writes it: without the prefixes of FSDP and activation-checkpoint wrappers."""
-    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
-
-
 class CausalLMModule(pl.LightningModule):
     def __init__(self, model: PreTrainedModel, optim: DictConfig, adapter_only_checkpoints: bool = False):
         super().__init__()
         self.model = model
         self.optim_cfg = optim
         self.adapter_only_checkpoints = adapter_only_checkpoints
+        # Named before any wrapping: FSDP may replace the parameters by flat ones whose names match no state_dict key.
+        self.trainable_keys = {f"model.{name}" for name, p in model.named_parameters() if p.requires_grad}
         # The frozen base of an adapter-only checkpoint is rebuilt from config, not loaded.
         self.strict_loading = not adapter_only_checkpoints
 
@@ -76,12 +74,19 @@ class CausalLMModule(pl.LightningModule):
         scheduler = build_scheduler(optimizer, self.optim_cfg, int(total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        model = self.trainer.model
+        if gradient_clip_val and isinstance(model, FullyShardedDataParallel):
+            # Lightning's FSDP precision refuses norm clipping; FSDP's own clip takes the norm over all shards.
+            model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["rng_states"] = rng_states()
         # A sharded FSDP checkpoint keeps the frozen base too: its loader reads back every key the model has.
         if self.adapter_only_checkpoints and getattr(self.trainer.strategy, "_state_dict_type", None) != "sharded":
-            trainable = {unwrapped_name(name) for name, p in self.named_parameters() if p.requires_grad}
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in self.trainable_keys}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:

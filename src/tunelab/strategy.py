@@ -9,6 +9,7 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import Strategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.fsdp.wrap import CustomPolicy
 
 # Keys of a strategy option that describe where it runs rather than arguments of the strategy class.
 PLACEMENT_KEYS = ("name", "devices", "accelerator")
@@ -44,18 +45,43 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
     return classes
 
 
+def has_frozen_parameters(model: torch.nn.Module) -> bool:
+    return any(not p.requires_grad for p in model.parameters())
+
+
+def is_trainable_leaf(module: torch.nn.Module) -> bool:
+    parameters = list(module.parameters(recurse=False))
+    return not list(module.children()) and bool(parameters) and all(p.requires_grad for p in parameters)
+
+
+def wrap_policy(layers: set[type[torch.nn.Module]], model: torch.nn.Module):
+    """One FSDP unit per decoder layer; with a frozen base (LoRA), each trainable leaf (an adapter matrix) gets a unit
+    of its own, so frozen and trainable weights never share one and gradients are kept only for the adapters."""
+    if not has_frozen_parameters(model):
+        return layers
+    return CustomPolicy(lambda module: type(module) in layers or is_trainable_leaf(module))
+
+
 def build_strategy(cfg: DictConfig, model: torch.nn.Module | None = None) -> Strategy | str:
     if "_target_" not in cfg:
         return cfg.name
     arguments = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in PLACEMENT_KEYS}
     auto_wrap = arguments.pop("auto_wrap", None)
     checkpointing = arguments.pop("activation_checkpointing", False)
+    from_model = {}
     if auto_wrap == "decoder_layers" or checkpointing:
         if model is None:
             raise ValueError(f"strategy {cfg.name}: auto_wrap and activation_checkpointing need the model")
         layers = decoder_layer_classes(model)
         if auto_wrap == "decoder_layers":
-            arguments["auto_wrap_policy"] = layers
+            from_model["auto_wrap_policy"] = wrap_policy(layers, model)
+            if has_frozen_parameters(model):
+                # Original-parameter views of a unit whose tied weights are all frozen (a LoRA model's root: embedding
+                # and lm_head) break FSDP's reshard (AssertionError "as_params=True type(prim_param)"); flat parameters
+                # avoid that path, and every unit is uniform in requires_grad as they need.
+                arguments.setdefault("use_orig_params", False)
         if checkpointing:
-            arguments["activation_checkpointing_policy"] = layers
-    return instantiate(arguments, _convert_="all")
+            from_model["activation_checkpointing_policy"] = layers
+    # Classes are no config values: bind the YAML arguments first, then add the policies as plain objects.
+    partial = instantiate(arguments, _partial_=True, _convert_="all", _execution_whitelist_=["lightning.pytorch.strategies.*"])
+    return partial(**from_model)
