@@ -20,7 +20,7 @@ from tunelab.module import CausalLMModule
 from tunelab.peft import apply_peft
 from tunelab.report import finish_run
 from tunelab.study_trial import study_trial_callbacks
-from tunelab.trainer import build_trainer
+from tunelab.trainer import build_trainer, effective_batch_size
 
 log = logging.getLogger("tunelab")
 
@@ -46,9 +46,11 @@ def main(cfg: DictConfig) -> float:
     tracker = ObjectiveTracker(cfg.objective.metric, cfg.objective.mode)
     callbacks = [*build_callbacks(cfg.callbacks), tracker, *study_trial_callbacks(cfg)]
     logger = build_logger(cfg)
-    trainer = build_trainer(cfg, callbacks, logger)
+    trainer = build_trainer(cfg, callbacks, logger, model)
     try:
-        log_run_config(logger, cfg, {"trainable_params": trainable, "total_params": total})
+        batch = effective_batch_size(trainer, cfg.data.batch_size)
+        log.info("effective batch: %d rows per optimizer step", batch)
+        log_run_config(logger, cfg, {"trainable_params": trainable, "total_params": total, "effective_batch_size": batch})
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         if trainer.is_global_zero:
             finish_run(cfg, trainer, tracker, model, tokenizer, Path(cfg.paths.output_dir))

@@ -7,13 +7,16 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 SECRET_MARKERS = ("token", "password", "secret", "api_key")
 
 
 def build_logger(cfg: DictConfig) -> Logger | None:
-    if not cfg.logger:
+    # Only rank 0 logs. Other ranks build no logger at all: an MLflow client opening a fresh SQL store migrates its
+    # schema, and ranks doing that at once fail with "duplicate column" (every rank of a torchrun job starts together).
+    if not cfg.logger or rank_zero_only.rank != 0:
         return None
     spec = OmegaConf.to_container(cfg.logger, resolve=True)
     if spec["_target_"].endswith("MLFlowLogger"):

@@ -3,12 +3,14 @@
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import Logger
+from torch import nn
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.strategy import build_strategy, strategy_accelerator, strategy_devices
 
 
-def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger | None) -> pl.Trainer:
+def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger | None, model: nn.Module | None = None) -> pl.Trainer:
+    """`model` lets a sharding strategy wrap the model's own decoder-layer class."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if not kwargs["enable_progress_bar"]:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
@@ -17,7 +19,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger 
     kwargs.update(
         accelerator=strategy_accelerator(cfg.strategy, cfg.trainer),
         devices=strategy_devices(cfg.strategy, cfg.trainer),
-        strategy=build_strategy(cfg.strategy),
+        strategy=build_strategy(cfg.strategy, model),
         precision=cfg.precision.value,
         callbacks=callbacks,
         logger=logger if logger is not None else False,
@@ -27,3 +29,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger 
     )
     kwargs["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)
     return pl.Trainer(**kwargs)
+
+
+def effective_batch_size(trainer: pl.Trainer, per_device_batch_size: int) -> int:
+    """Rows per optimizer step: per-device batch x devices x nodes x accumulation."""
+    return per_device_batch_size * trainer.world_size * trainer.accumulate_grad_batches
