@@ -1,5 +1,6 @@
-"""What a finished run tells its user: a short summary on the terminal and a loss-curve plot."""
+"""What a finished run tells its user: a short summary on the terminal, a loss-curve plot and objective.json."""
 
+import json
 from pathlib import Path
 
 import matplotlib
@@ -62,7 +63,10 @@ def finish_run(cfg, trainer, tracker: ObjectiveTracker, model, tokenizer, output
     from tunelab.checkpoint import export_pretrained
     from tunelab.logger import log_run_artifact
 
-    if cfg.export:
+    if cfg.export and trainer.world_size > 1 and type(trainer.strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy"):
+        # Rank 0 alone holds only its shard, and gathering the rest needs every rank (accelerate PR #4206).
+        print("export skipped: the model is sharded over ranks; export from a state_dict_type=full checkpoint", flush=True)
+    elif cfg.export:
         export_pretrained(model, tokenizer, output_dir / "export")
     plot = plot_loss_curves(tracker, output_dir / "loss_curves.png")
     logger = trainer.logger
@@ -81,4 +85,23 @@ def finish_run(cfg, trainer, tracker: ObjectiveTracker, model, tokenizer, output
         throughput.tokens_per_second if throughput else None,
     )
     lines.append(f"loss curves              {plot}")
+    write_objective(output_dir / "objective.json", tracker, trainer, run_id, throughput.tokens_per_second if throughput else None)
     print("\n".join(["", "── tunelab run summary " + "─" * 40, *lines, ""]), flush=True)
+
+
+def write_objective(path: Path, tracker: ObjectiveTracker, trainer, run_id: str | None, tokens_per_second: float | None) -> Path:
+    """The run's result for whoever started it as a separate process (the torchrun sweep launcher reads it back)."""
+    import torch
+
+    result = {
+        "objective": tracker.best,
+        "metric": tracker.metric,
+        "mode": tracker.mode,
+        "global_step": trainer.global_step,
+        "world_size": trainer.world_size,
+        "tokens_per_second": tokens_per_second,
+        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "mlflow_run_id": run_id,
+    }
+    path.write_text(json.dumps(result, indent=1))
+    return path

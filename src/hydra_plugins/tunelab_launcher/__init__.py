@@ -1,0 +1,1 @@
+"""tunelab's Hydra launcher plugin: sweep trials as separate torchrun jobs."""
