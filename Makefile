@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test services ui bench clean
+.PHONY: install train test services ui bench bench-sweep clean
 
 install: $(VENV)/.installed
 
@@ -27,8 +27,17 @@ services:
 test: install services
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+UI_PORT ?= 5000
 ui: install
-	$(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} --host 127.0.0.1 --port $(UI_PORT)
+
+# Throughput and memory on this machine (GPU: FSDP on the Llama-3.2-1B architecture; CPU: the default job).
+bench: install
+	bash benchmarks/run.sh
+
+# Sweep efficiency on the embedded task: 20 trials without and with pruning (about 15 minutes on 2 CPU cores).
+bench-sweep: install
+	bash benchmarks/sweep_efficiency.sh
 
 clean:
 	rm -rf outputs/*/ multirun/*/ .cache

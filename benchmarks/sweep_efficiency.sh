@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Sweep efficiency on the embedded task: the same 20-trial TPE LoRA sweep without and with pruning.
+# A LoRA sweep needs a base that already knows something, so step 1 fine-tunes the tiny model (the user's own flow:
+# fine-tune, export, then search adapters on top); step 2 runs `sweep=lora_search` on that export once per pruner.
+# Usage: bash benchmarks/sweep_efficiency.sh [workdir] [pruner ...]   (default pruners: none median successive_halving)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORK=${1:-/tmp/tunelab-sweep-bench}; shift || true
+PRUNERS=${*:-none median successive_halving}
+PY=${PYTHON:-.venv/bin/python}
+mkdir -p "$WORK"
+export TUNELAB_CACHE=$WORK/cache MLFLOW_TRACKING_URI=sqlite:///$WORK/mlflow.db PYTHONUNBUFFERED=1
+
+[ -f "$WORK/base/export/config.json" ] || $PY train.py hydra.run.dir=$WORK/base trainer.max_steps=400 \
+    logger=none callbacks.progress_bar=null > "$WORK/base.log" 2>&1
+for pruner in $PRUNERS; do
+  [ -f "$WORK/multirun-$pruner/optimization_results.yaml" ] && continue
+  /usr/bin/time -f "%e" -o "$WORK/$pruner.seconds" $PY train.py -m sweep=lora_search hydra.sweeper.n_trials=20 \
+    hydra.sweeper.study_name=bench-$pruner hydra.sweeper.storage=sqlite:///$WORK/optuna.db hydra/sweeper/pruner=$pruner \
+    hydra.sweep.dir=$WORK/multirun-$pruner model.name_or_path=$WORK/base/export model.init=pretrained \
+    model.tokenizer=null trainer.max_steps=150 trainer.val_check_interval=25 callbacks=none export=false logger=none \
+    > "$WORK/$pruner.log" 2>&1
+done
+$PY benchmarks/sweep_table.py "$WORK" $PRUNERS
