@@ -11,6 +11,7 @@ on CPU, ranks talk over gloo and `max_parallel` trials run at once.
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -72,6 +73,14 @@ def forwarded_hydra_overrides(cfg: DictConfig) -> list[str]:
     and the run/sweep directories are this launcher's business."""
     ours = ("hydra/launcher", "hydra.launcher", "hydra.sweep", "hydra.run", "hydra.mode", "hydra.job.num", "hydra.job.id")
     return [o for o in cfg.hydra.overrides.hydra if not o.lstrip("+~").startswith(ours)]
+
+
+def first_error_line(log_text: str) -> str:
+    """The line that says why a trial died, rather than torchrun's summary of which rank did."""
+    lines = [line.removeprefix("[rank0]: ").strip() for line in log_text.splitlines()]
+    errors = [line for line in lines if line.startswith("tunelab: error:")
+              or re.match(r"^[\w.]+(Error|Exception): ", line) and "ChildFailedError" not in line]
+    return errors[0] if errors else next((line for line in reversed(lines) if line), "no output")
 
 
 def read_objective(trial_dir: Path) -> float:
@@ -163,7 +172,7 @@ class TorchrunLauncher(Launcher):
                 raise RuntimeError(f"exit code {trial.process.returncode}")
             result._return_value, result.status = read_objective(trial.directory), JobStatus.COMPLETED
         except (RuntimeError, OSError, ValueError, KeyError) as error:
-            tail = (trial.directory / LOG_FILE).read_text(errors="replace").strip().splitlines()[-1:]
-            result._return_value = RuntimeError(f"trial #{trial.num} failed ({error}); log {trial.directory / LOG_FILE}: {tail}")
+            cause = first_error_line((trial.directory / LOG_FILE).read_text(errors="replace"))
+            result._return_value = RuntimeError(f"trial #{trial.num} failed ({error}): {cause}  [log: {trial.directory / LOG_FILE}]")
             result.status = JobStatus.FAILED
         return result
