@@ -71,6 +71,30 @@ def test_sweep_runs_each_trial_as_its_own_two_process_job(tmp_path, dataset_cach
     assert lr_params == {"0.001", "0.003"}
 
 
+def test_study_sweep_trials_as_torchrun_jobs_nest_in_mlflow(tmp_path, dataset_cache):
+    """The Optuna study sweeper with the torchrun launcher: each trial a 2-process job, reporting to its own trial
+    and nested under the study's parent run."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    sweep_dir = tmp_path / "sweep"
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = run([sys.executable, "train.py", "-m", "sweep=lora_search", "hydra/launcher=torchrun", *SMALL, *DDP2,
+                  "data.batch_size=8", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={storage}",
+                  "hydra.sweeper.study_name=ddp", f"hydra.sweep.dir={sweep_dir}"], tmp_path, dataset_cache, timeout=400)
+    trials = optuna.load_study(study_name="ddp", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"], result.stdout[-3000:]
+    assert all(t.intermediate_values == {8: t.value} for t in trials)  # the job reported to its own trial
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.data.params["paths/output_dir"] for c in children} == {str(sweep_dir / "0"), str(sweep_dir / "1")}
+    assert all(json.loads((sweep_dir / n / "objective.json").read_text())["world_size"] == 2 for n in "01")
+
+
 def test_a_failing_trial_is_reported_failed_and_the_sweep_goes_on(tmp_path, dataset_cache):
     sweep_dir = tmp_path / "sweep"
     result = subprocess.run(

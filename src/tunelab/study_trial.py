@@ -8,6 +8,7 @@ its number as job number).
 
 import functools
 import logging
+import os
 
 import lightning.pytorch as pl
 import optuna
@@ -25,6 +26,7 @@ SWEEPER_TARGET = "tunelab.study_sweeper.StudySweeper"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 PRUNED_ATTR = "pruned_at_step"
+TRIAL_NUMBER_ENV = "TUNELAB_TRIAL_NUMBER"  # set by hydra/launcher=torchrun on the jobs it starts
 
 
 class StudyTrialCallback(pl.Callback):
@@ -61,9 +63,14 @@ class StudyTrialCallback(pl.Callback):
 
 
 def study_trial_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """[StudyTrialCallback] when this run is a trial of a tunelab study sweep, else []."""
+    """[StudyTrialCallback] when this run is a trial of a tunelab study sweep, else [].
+
+    A trial is a job of the sweep itself (multirun), or a single run that hydra/launcher=torchrun started for it:
+    that launcher marks it with TUNELAB_TRIAL_NUMBER and passes the job number and the sweeper's settings on.
+    """
     hydra = HydraConfig.get()
-    if hydra.mode != RunMode.MULTIRUN or hydra.sweeper.get("_target_") != SWEEPER_TARGET:
+    is_trial = hydra.mode == RunMode.MULTIRUN or TRIAL_NUMBER_ENV in os.environ
+    if not is_trial or hydra.sweeper.get("_target_") != SWEEPER_TARGET:
         return []
     return [StudyTrialCallback(open_trial(hydra.sweeper, hydra.job.num), cfg.objective.metric)]
 

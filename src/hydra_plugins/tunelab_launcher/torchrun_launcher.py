@@ -70,8 +70,10 @@ def trial_processes(cfg: DictConfig, gpus: int) -> int:
 
 def forwarded_hydra_overrides(cfg: DictConfig) -> list[str]:
     """The sweep's own `hydra...` overrides (sweeper settings, verbosity) that a trial job still needs; the launcher
-    and the run/sweep directories are this launcher's business."""
-    ours = ("hydra/launcher", "hydra.launcher", "hydra.sweep", "hydra.run", "hydra.mode", "hydra.job.num", "hydra.job.id")
+    and the run/sweep directories are this launcher's business. Read them from the sweep's config: a trial's config
+    from load_sweep_config has them no more."""
+    ours = ("hydra/launcher=", "hydra.launcher.", "hydra.sweep.", "hydra.run.", "hydra.mode=", "hydra.job.num=",
+            "hydra.job.id=")  # "hydra.sweep." keeps hydra.sweeper.* (storage, study name), which trials need
     return [o for o in cfg.hydra.overrides.hydra if not o.lstrip("+~").startswith(ours)]
 
 
@@ -151,7 +153,7 @@ class TorchrunLauncher(Launcher):
         script = self.script or os.path.abspath(sys.argv[0])
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={trial.processes}",
-            script, *trial.overrides, *forwarded_hydra_overrides(trial.cfg),
+            script, *trial.overrides, *forwarded_hydra_overrides(self.config),
             f"hydra.run.dir={trial.directory}", f"hydra.job.num={trial.num}", f"hydra.job.id={trial.num}",
         ]
         env = {**os.environ, "TUNELAB_SWEEP_DIR": str(Path(str(trial.cfg.hydra.sweep.dir)).absolute()),
