@@ -1,6 +1,7 @@
 """Every option of every config group composes, validates where this machine can run it, and builds its object
 without downloading anything; a hub model option loads from a local directory made by save_pretrained."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,9 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydr
 OPTIONS = [(group, option.stem) for group in GROUPS for option in sorted((CONF / group).glob("*.yaml"))]
 # Parameter counts of the published checkpoints, which the architecture blocks must reproduce.
 HUB_PARAMETERS = {"llama1b": 1_235_814_400, "llama8b": 8_030_261_248, "qwen2_5_0_5b": 494_032_768, "qwen2_5_7b": 7_615_616_512}
-NEEDS_GPU = {("strategy", "fsdp"), ("strategy", "fsdp8"), ("precision", "16_mixed")}
+NEEDS_GPU = {("strategy", "fsdp"), ("strategy", "fsdp8"), ("strategy", "deepspeed_zero3"), ("precision", "16_mixed")}
+# Options whose package is an optional extra: validation names the install command instead of building them.
+NEEDS_EXTRA = {("strategy", "deepspeed_zero3"): "deepspeed"}
 
 
 def test_every_group_has_options():
@@ -36,6 +39,10 @@ def test_option_composes_validates_and_builds(group, option, tmp_path, dataset_c
     extra = [f"data.path={tmp_path / 'rows.jsonl'}"] if (group, option) == ("data", "jsonl") else []
     (tmp_path / "rows.jsonl").write_text('{"instruction": "echo", "input": "a", "output": "a"}\n')
     cfg = compose_config([f"{group}={option}", *extra], tmp_path, dataset_cache)
+    if (group, option) in NEEDS_EXTRA and importlib.util.find_spec(NEEDS_EXTRA[group, option]) is None:
+        with pytest.raises(ConfigError, match="GPU|pip install 'tunelab"):
+            validate_config(cfg)
+        return
     if (group, option) in NEEDS_GPU:
         with pytest.raises(ConfigError, match="GPU"):
             validate_config(cfg)

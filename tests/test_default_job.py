@@ -52,7 +52,7 @@ def test_summary_names_losses_checkpoint_and_run(default_run):
     for line in ("val/loss (last)", "val/exact_match (last)", "best checkpoint", run.info.run_id, "make ui"):
         assert line in summary
     best = float(summary.split("objective val/loss (min)")[1].split()[0])
-    assert math.isclose(best, run.data.metrics["objective"], rel_tol=1e-4)
+    assert math.isclose(best, run.data.metrics["objective"], abs_tol=5e-5)  # the summary prints 4 decimals
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "export" / "config.json").is_file()
     assert (run_dir / "loss_curves.png").stat().st_size > 10_000
