@@ -20,16 +20,17 @@ def plot_loss_curves(tracker: ObjectiveTracker, path: Path) -> Path:
     if val:
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", label="val/loss")
+    handles = ax.get_lines()
     if any("val/exact_match" in v for v in tracker.validations):
         acc = ax.twinx()
-        acc.plot([v["step"] for v in tracker.validations], [v.get("val/exact_match") for v in tracker.validations],
-                 "s--", color="tab:green", label="val/exact_match")
+        handles += acc.plot([v["step"] for v in tracker.validations], [v.get("val/exact_match") for v in tracker.validations],
+                            "s--", color="tab:green", label="val/exact_match")
         acc.set_ylabel("exact match")
         acc.set_ylim(0, 1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
-    ax.legend(loc="upper center")
+    ax.legend(handles=handles, loc="upper center")
     ax.set_title("tunelab: loss curves")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
