@@ -43,9 +43,9 @@ def main(cfg: DictConfig) -> float:
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     module = CausalLMModule(model, cfg.optim, adapter_only_checkpoints=bool(cfg.peft))
 
-    tracker = ObjectiveTracker(cfg.objective.metric, cfg.objective.mode)
-    callbacks = [*build_callbacks(cfg.callbacks), tracker, *study_trial_callbacks(cfg)]
     logger = build_logger(cfg)
+    tracker = ObjectiveTracker(cfg.objective.metric, cfg.objective.mode)
+    callbacks = [*build_callbacks(cfg.callbacks), tracker, *study_trial_callbacks(cfg, logger)]
     trainer = build_trainer(cfg, callbacks, logger, model)
     try:
         batch = effective_batch_size(trainer, cfg.data.batch_size)

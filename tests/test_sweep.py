@@ -94,14 +94,15 @@ def test_sweep_runs_trials_in_the_declared_space_and_nests_them_in_mlflow(tmp_pa
 
 def test_killed_sweep_resumes_to_exactly_n_trials_without_overwriting(tmp_path, dataset_cache):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    args = ["hydra.sweeper.n_trials=4", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
+    # Trials long enough (seconds, not a fraction of one) that trial 2 is surely still training when killed.
+    args = ["hydra.sweeper.n_trials=4", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2",
+            "trainer.max_steps=40", "trainer.val_check_interval=20"]
     sweep = subprocess.Popen(sweep_command(storage, tmp_path / "multirun", *args), cwd=ROOT, start_new_session=True,
                              env=sweep_env(tmp_path, dataset_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     # Trials run one after the other, so trial 2's dir appearing means trials 0 and 1 are done.
     while time.monotonic() < deadline and sweep.poll() is None and not (tmp_path / "multirun" / "2").exists():
-        time.sleep(0.2)
-    time.sleep(1)
+        time.sleep(0.1)
     assert sweep.poll() is None, "the sweep ended before it could be killed"
     os.killpg(sweep.pid, signal.SIGKILL)
     sweep.wait()

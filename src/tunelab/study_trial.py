@@ -30,22 +30,11 @@ TRIAL_NUMBER_ENV = "TUNELAB_TRIAL_NUMBER"  # set by hydra/launcher=torchrun on t
 
 
 class StudyTrialCallback(pl.Callback):
-    """Nests the run's MLflow run under the study's, reports each validation's objective and stops pruned trials."""
+    """Reports each validation's objective to the trial and stops the run when the pruner says so."""
 
     def __init__(self, trial: optuna.Trial, metric: str):
         self.trial = trial
         self.metric = metric
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logger = trainer.logger
-        if not trainer.is_global_zero or not isinstance(logger, MLFlowLogger):
-            return
-        tags = {"optuna.study_name": self.trial.study.study_name, "optuna.trial_number": str(self.trial.number)}
-        if parent := self.trial.study.user_attrs.get(PARENT_RUN_ATTR):
-            tags["mlflow.parentRunId"] = parent
-        for key, value in tags.items():
-            logger.experiment.set_tag(logger.run_id, key, value)
-        self.trial.set_user_attr(RUN_ATTR, logger.run_id)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -62,7 +51,19 @@ class StudyTrialCallback(pl.Callback):
             trainer.should_stop = True
 
 
-def study_trial_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+def attach_run(trial: optuna.Trial, logger) -> None:
+    """Creates the job's MLflow run already nested under the study's run and tagged with the trial, and records it on
+    the trial at once: a trial killed at any later moment leaves a run the sweeper can find and end, never an orphan."""
+    if not isinstance(logger, MLFlowLogger):
+        return
+    tags = {"optuna.study_name": trial.study.study_name, "optuna.trial_number": str(trial.number)}
+    if parent := trial.study.user_attrs.get(PARENT_RUN_ATTR):
+        tags["mlflow.parentRunId"] = parent
+    logger.tags = {**(logger.tags or {}), **tags}
+    trial.set_user_attr(RUN_ATTR, logger.run_id)  # run_id creates the run, with those tags
+
+
+def study_trial_callbacks(cfg: DictConfig, logger=None) -> list[pl.Callback]:
     """[StudyTrialCallback] when this run is a trial of a tunelab study sweep, else [].
 
     A trial is a job of the sweep itself (multirun), or a single run that hydra/launcher=torchrun started for it:
@@ -72,7 +73,9 @@ def study_trial_callbacks(cfg: DictConfig) -> list[pl.Callback]:
     is_trial = hydra.mode == RunMode.MULTIRUN or TRIAL_NUMBER_ENV in os.environ
     if not is_trial or hydra.sweeper.get("_target_") != SWEEPER_TARGET:
         return []
-    return [StudyTrialCallback(open_trial(hydra.sweeper, hydra.job.num), cfg.objective.metric)]
+    trial = open_trial(hydra.sweeper, hydra.job.num)
+    attach_run(trial, logger)
+    return [StudyTrialCallback(trial, cfg.objective.metric)]
 
 
 def open_trial(sweeper: DictConfig, number: int) -> optuna.Trial:
