@@ -70,6 +70,11 @@ class RunProgressBar(RichProgressBar):
         super().on_train_start(trainer, pl_module)
         self._started = (time.perf_counter(), trainer.global_step)
 
+    def _get_train_description(self, current_epoch: int) -> str:
+        # Lightning writes "Epoch 0/-2" when only max_steps bounds the run (max_epochs=-1).
+        description = super()._get_train_description(current_epoch)
+        return description.replace("/-2", "  ") if self.trainer.max_epochs == -1 else description
+
     def get_metrics(self, trainer, pl_module) -> dict:
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)
