@@ -13,7 +13,7 @@ from tests.conftest import CONF, FAST, compose_config, run_train
 from tunelab.callbacks import build_callbacks
 from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.config import ConfigError, validate_config
-from tunelab.data import InstructionDataModule, build_datamodule
+from tunelab.data import InstructionDataModule, RandomTokenDataModule, build_datamodule
 from tunelab.logger import build_logger
 from tunelab.model import build_model, count_parameters
 from tunelab.peft import apply_peft
@@ -59,7 +59,8 @@ def test_option_composes_validates_and_builds(group, option, tmp_path, dataset_c
         else:
             assert count_parameters(build_model(cfg.model, cfg.precision, tokenizer))[1] > 1_000_000
     elif group == "data":
-        assert isinstance(build_datamodule(cfg.data, tokenizer), InstructionDataModule) or option == "random_tokens"
+        expected = RandomTokenDataModule if option == "random_tokens" else InstructionDataModule
+        assert isinstance(build_datamodule(cfg.data, tokenizer), expected)
     elif group == "peft":
         model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer), cfg.peft)
         trainable, total = count_parameters(model)

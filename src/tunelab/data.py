@@ -129,6 +129,14 @@ class ResumableSampler(Sampler[int]):
         yield from mine[skip:]
 
 
+def resumable_sampler(trainer: pl.Trainer, num_samples: int, seed: int, batch_size: int) -> ResumableSampler:
+    """This rank's sampler for the trainer's current epoch, past the batches a restored checkpoint already trained on."""
+    sampler = ResumableSampler(num_samples, seed, trainer.world_size, trainer.global_rank)
+    sampler.set_epoch(trainer.current_epoch)
+    sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * batch_size
+    return sampler
+
+
 class InstructionDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -197,11 +205,7 @@ class InstructionDataModule(pl.LightningDataModule):
         return int(self.val_size) if self.val_size >= 1 else self.val_size
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        sampler = ResumableSampler(len(self.train), self.seed, trainer.world_size, trainer.global_rank)
-        sampler.set_epoch(trainer.current_epoch)
-        sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size
-        return self._loader(self.train, sampler=sampler)
+        return self._loader(self.train, sampler=resumable_sampler(self.trainer, len(self.train), self.seed, self.batch_size))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val, sampler=None)
@@ -246,10 +250,7 @@ class RandomTokenDataModule(pl.LightningDataModule):
                           collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        sampler = ResumableSampler(self.num_examples, self.seed, trainer.world_size, trainer.global_rank)
-        sampler.set_epoch(trainer.current_epoch)
-        sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * self.batch_size
+        sampler = resumable_sampler(self.trainer, self.num_examples, self.seed, self.batch_size)
         return self._loader(self._rows(self.num_examples, 0), sampler)
 
     def val_dataloader(self) -> DataLoader:
