@@ -17,7 +17,7 @@ from tunelab.data import build_datamodule
 from tunelab.logger import build_logger, log_run_config, mark_failed
 from tunelab.model import build_model, build_tokenizer, count_parameters
 from tunelab.module import CausalLMModule
-from tunelab.peft import apply_peft
+from tunelab.peft import apply_peft, base_quantization
 from tunelab.report import finish_run
 from tunelab.study_trial import study_trial_callbacks
 from tunelab.trainer import build_trainer, effective_batch_size
@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> float:
     pl.seed_everything(cfg.seed, workers=True)
     tokenizer = build_tokenizer(cfg.model)
     datamodule = build_datamodule(cfg.data, tokenizer)
-    model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer), cfg.peft)
+    model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer, base_quantization(cfg.peft)), cfg.peft)
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     module = CausalLMModule(model, cfg.optim, adapter_only_checkpoints=bool(cfg.peft))

@@ -79,6 +79,14 @@ def check_data(cfg: DictConfig) -> None:
 def check_peft(cfg: DictConfig) -> None:
     if cfg.peft and (cfg.peft.get("r", 1) < 1 or not cfg.peft.get("target_modules")):
         raise ConfigError("peft=lora needs peft.r >= 1 and a non-empty peft.target_modules")
+    if cfg.peft and cfg.peft.get("quantize_base") is not None:
+        if cfg.model.init != "pretrained":
+            raise ConfigError("peft=qlora quantizes the base model as its weights load: it needs model.init=pretrained "
+                              "(model.name_or_path a hub id or a local save_pretrained directory)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError("peft=qlora needs the bitsandbytes package: pip install 'tunelab[qlora]'")
+        if str(cfg.strategy.get("_target_", "")).endswith(("FSDPStrategy", "DeepSpeedStrategy")):
+            raise ConfigError(f"peft=qlora does not run under strategy={cfg.strategy.name}: use strategy=auto (one device) or strategy=ddp")
 
 
 def check_optim(cfg: DictConfig) -> None:

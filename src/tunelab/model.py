@@ -1,10 +1,12 @@
 """Builds the `model` group: a transformers causal LM and its tokenizer."""
 
 import logging
+import os
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from tunelab.char_tokenizer import build_char_tokenizer
 
@@ -26,15 +28,28 @@ def model_dtype(cfg: DictConfig, precision_cfg: DictConfig) -> torch.dtype:
     return getattr(torch, cfg.dtype or precision_cfg.model_dtype)
 
 
-def build_model(cfg: DictConfig, precision_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def quantized_device_map() -> dict[str, int | str]:
+    """bitsandbytes quantizes weights on the device they load to, so they load straight onto this process's GPU
+    (LOCAL_RANK, as torchrun and Lightning's launcher set it), or the CPU where there is none."""
+    return {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
+
+
+def build_model(cfg: DictConfig, precision_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase,
+                quantization: BitsAndBytesConfig | None = None) -> PreTrainedModel:
     dtype = model_dtype(cfg, precision_cfg)
     if cfg.init == "pretrained":
+        placement = {"quantization_config": quantization, "device_map": quantized_device_map()} if quantization else {}
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,
             dtype=dtype,
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
+            **placement,
         )
+        if quantization:
+            log.info("base model loaded %s-quantized (bitsandbytes), %.2f GiB of weights",
+                     quantization.bnb_4bit_quant_type if quantization.load_in_4bit else "int8",
+                     model.get_memory_footprint() / 2**30)
     else:
         model = AutoModelForCausalLM.from_config(
             architecture_config(cfg, tokenizer),
@@ -61,8 +76,14 @@ def architecture_config(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase):
     return AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
 
 
+def parameter_count(parameter: torch.nn.Parameter) -> int:
+    """Elements of the weight a parameter stands for: a bitsandbytes 4-bit weight packs two into each stored byte."""
+    quant_state = getattr(parameter, "quant_state", None)
+    return quant_state.shape.numel() if quant_state is not None else parameter.numel()
+
+
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(parameter_count(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_count(p) for p in model.parameters())
     return trainable, total
