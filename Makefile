@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test services ui bench bench-sweep clean
+.PHONY: install train test test-gpu services ui bench bench-scale-out bench-sweep clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ services:
 test: install services
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# On a machine with 2+ CUDA GPUs: FSDP export/resume over two ranks, sweeps of multi-GPU trials, QLoRA on a GPU
+# (`make test` skips the multi-GPU ones where there are fewer GPUs).
+test-gpu: install
+	$(PY) -m pytest tests/test_multi_gpu.py tests/test_qlora.py $(PYTEST_ARGS)
+
 UI_PORT ?= 5000
 ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} --host 127.0.0.1 --port $(UI_PORT)
@@ -34,6 +39,10 @@ ui: install
 # Throughput and memory on this machine (GPU: FSDP on the Llama-3.2-1B architecture; CPU: the default job).
 bench: install
 	bash benchmarks/run.sh
+
+# GPU scaling: FSDP / DDP+LoRA on every GPU against one GPU, checkpoints resumed, QLoRA (BENCHMARKS.md).
+bench-scale-out: install
+	bash benchmarks/gpu_scale_out.sh
 
 # Sweep efficiency on the embedded task: 20 trials without and with pruning (about 15 minutes on 2 CPU cores).
 bench-sweep: install

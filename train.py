@@ -11,7 +11,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from tunelab.callbacks import ObjectiveTracker, build_callbacks
-from tunelab.checkpoint import resolve_ckpt_path
+from tunelab.checkpoint import gather_fsdp_weights, resolve_ckpt_path
 from tunelab.config import ConfigError, validate_config
 from tunelab.data import build_datamodule
 from tunelab.logger import build_logger, log_run_config, mark_failed
@@ -52,8 +52,9 @@ def main(cfg: DictConfig) -> float:
         log.info("effective batch: %d rows per optimizer step", batch)
         log_run_config(logger, cfg, {"trainable_params": trainable, "total_params": total, "effective_batch_size": batch})
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        weights = gather_fsdp_weights(trainer) if cfg.export else None  # on every rank: each sends its shard
         if trainer.is_global_zero:
-            finish_run(cfg, trainer, tracker, model, tokenizer, Path(cfg.paths.output_dir))
+            finish_run(cfg, trainer, tracker, model, tokenizer, Path(cfg.paths.output_dir), weights)
     except BaseException:
         mark_failed(logger)
         raise

@@ -58,17 +58,19 @@ def summary_lines(tracker: ObjectiveTracker, objective: float, best_checkpoint: 
     return lines
 
 
-def finish_run(cfg, trainer, tracker: ObjectiveTracker, model, tokenizer, output_dir: Path) -> None:
-    """Export, plot, log the objective and print the summary of a finished fit (rank 0 only)."""
+def finish_run(cfg, trainer, tracker: ObjectiveTracker, model, tokenizer, output_dir: Path, weights=None) -> None:
+    """Export, plot, log the objective and print the summary of a finished fit (rank 0 only). `weights`: the model's
+    weights gathered from its FSDP shards by every rank, when it is sharded."""
     from tunelab.callbacks import TokenThroughputMonitor
     from tunelab.checkpoint import export_pretrained
     from tunelab.logger import log_run_artifact
 
-    if cfg.export and trainer.world_size > 1 and type(trainer.strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy"):
-        # Rank 0 alone holds only its shard, and gathering the rest needs every rank (accelerate PR #4206).
-        print("export skipped: the model is sharded over ranks; export from a state_dict_type=full checkpoint", flush=True)
+    if cfg.export and trainer.world_size > 1 and type(trainer.strategy).__name__ == "DeepSpeedStrategy":
+        # Rank 0 alone holds only its ZeRO-3 partition (accelerate PR #4206 is the same bug for FSDP).
+        print("export skipped: DeepSpeed partitions the model over ranks; convert its checkpoint with "
+              "deepspeed's zero_to_fp32.py", flush=True)
     elif cfg.export:
-        export_pretrained(model, tokenizer, output_dir / "export")
+        export_pretrained(model, tokenizer, output_dir / "export", weights)
     plot = plot_loss_curves(tracker, output_dir / "loss_curves.png")
     logger = trainer.logger
     run_id = getattr(logger, "run_id", None)

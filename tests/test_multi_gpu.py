@@ -1,0 +1,108 @@
+"""Scale-out on real GPUs (NCCL): FSDP over two ranks exports and resumes, sweeps whose trials are multi-GPU jobs.
+
+Skipped without two CUDA GPUs (CI has none); run them on a GPU machine with `make test-gpu`.
+"""
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from tests.conftest import ROOT, compose_config, run_train
+from tunelab.char_tokenizer import build_char_tokenizer
+from tunelab.model import build_model
+
+pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+
+SHORT = ["trainer.max_steps=10", "trainer.val_check_interval=10", "data.num_examples=400", "callbacks.progress_bar=null",
+         "callbacks.early_stopping=null"]
+FSDP2 = ["strategy=fsdp", "trainer.devices=2"]
+
+
+def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, weights_only=False, map_location="cpu")["state_dict"]
+    return {key.removeprefix("model."): value for key, value in state.items()}
+
+
+def test_fsdp_full_fine_tune_exports_the_whole_model_from_both_shards(tmp_path, dataset_cache):
+    run_dir = tmp_path / "run"
+    run_train([*SHORT, *FSDP2, "precision=bf16_true", "strategy.state_dict_type=full"], run_dir, dataset_cache)
+    trained = checkpoint_weights(run_dir / "checkpoints" / "last.ckpt")  # Lightning's own gather, at the same step
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / "export").state_dict()
+    # A weight the export lacked would load randomly initialised and differ; a rank-0 slice would not even load.
+    mismatched = [key for key, value in exported.items() if not torch.equal(value.to(trained[key].dtype), trained[key])]
+    assert len(exported) >= len(trained) - 1 and mismatched == []  # - 1: lm_head tied to the embedding
+
+
+def test_fsdp_lora_exports_each_adapter_whole(tmp_path, dataset_cache):
+    run_dir = tmp_path / "run"
+    run_train([*SHORT, *FSDP2, "peft=lora", "precision=bf16_true", "strategy.state_dict_type=full"], run_dir, dataset_cache)
+    trained = checkpoint_weights(run_dir / "checkpoints" / "last.ckpt")
+    assert trained and all("lora_" in key for key in trained)  # adapter-only checkpoint, full shapes
+    cfg = compose_config(["precision=bf16_true"], tmp_path, dataset_cache)
+    restored = PeftModel.from_pretrained(build_model(cfg.model, cfg.precision, build_char_tokenizer()), run_dir / "export")
+    adapters = {name: p for name, p in restored.named_parameters() if "lora_" in name}
+    assert adapters.keys() == trained.keys()
+    assert all(adapters[k].shape == trained[k].shape for k in trained)
+    assert all(torch.equal(adapters[k].to(trained[k].dtype), trained[k]) for k in trained)  # PEFT loads adapters in fp32
+
+
+def test_fsdp_sharded_checkpoint_on_two_gpus_resumes(tmp_path, dataset_cache):
+    common = [*SHORT, *FSDP2, "optim.total_steps=20", "logger=csv", "export=false"]
+    run_train([*common, "trainer.max_steps=20", "trainer.val_check_interval=20"], tmp_path / "straight", dataset_cache)
+    run_train(common, tmp_path / "resumed", dataset_cache)
+    assert (tmp_path / "resumed" / "checkpoints" / "last.ckpt").is_dir()  # one shard file per rank
+    run_train([*common, "trainer.max_steps=20", "trainer.val_check_interval=20", "ckpt_path=last"], tmp_path / "resumed", dataset_cache)
+    straight = json.loads((tmp_path / "straight" / "objective.json").read_text())
+    resumed = json.loads((tmp_path / "resumed" / "objective.json").read_text())
+    assert resumed["global_step"] == 20 and resumed["world_size"] == 2
+    assert resumed["objective"] == pytest.approx(straight["objective"], rel=1e-3)
+    steps = [int(row["step"]) for f in (tmp_path / "resumed" / "csv").glob("version_1/metrics.csv") for row in csv.DictReader(f.open())]
+    assert steps and min(steps) >= 10  # the second run went on from step 10 rather than starting over
+
+
+def sweep_env(tmp_path: Path, cache: Path) -> dict:
+    return {**os.environ, "TUNELAB_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+
+def test_study_sweep_of_four_trials_each_on_two_gpus(tmp_path, dataset_cache):
+    sweep_dir, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'optuna.db'}"
+    command = [sys.executable, "train.py", "-m", "sweep=lora_search", "hydra/launcher=torchrun", *SHORT, "export=false",
+               "strategy=ddp", "trainer.devices=2", "hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}",
+               "hydra.sweeper.study_name=gpu", f"hydra.sweep.dir={sweep_dir}"]
+    result = subprocess.run(command, cwd=ROOT, env=sweep_env(tmp_path, dataset_cache), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trials = optuna.load_study(study_name="gpu", storage=storage).trials
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    for n in range(4):
+        assert json.loads((sweep_dir / str(n) / "objective.json").read_text())["world_size"] == 2
+        assert "Launching" not in (sweep_dir / str(n) / "torchrun.log").read_text()  # no trial starts a sweep
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.info.status for c in children + parents} == {"FINISHED"}
+
+
+def test_one_gpu_trials_run_side_by_side_on_disjoint_gpus(tmp_path, dataset_cache):
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "train.py", "-m", "hydra/launcher=torchrun", *SHORT, "export=false", "logger=none",
+               "trainer.devices=1", "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep_dir}"]
+    result = subprocess.run(command, cwd=ROOT, env=sweep_env(tmp_path, dataset_cache), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    events = re.findall(r"#(\d) (?::.*\[1 ranks, GPUs (\d)\]|exited 0)", result.stdout + result.stderr)
+    assert sorted((num, gpu) for num, gpu in events if gpu) == [("0", "0"), ("1", "1")]  # one GPU each, not the same
+    assert all(gpu for _, gpu in events[:2])  # both started before either ended
