@@ -126,6 +126,7 @@ def test_two_node_torchrun_on_localhost_runs_the_same_job(tmp_path, dataset_cach
     (["strategy.name=ddp_typo"], "strategy.name=ddp_typo is not a Lightning strategy"),
     (["trainer.num_nodes=2"], "trainer.num_nodes=2 needs a multi-node launch"),
     (["strategy=fsdp", "strategy.auto_wrap=everything"], "strategy.auto_wrap=everything is not one of"),
+    (["strategy=fsdp", "peft=lora", "strategy.state_dict_type=full"], "peft=lora under strategy=fsdp writes sharded checkpoints only"),
 ])
 def test_bad_placement_fails_with_one_line_before_any_process_starts(tmp_path, dataset_cache, args, message):
     result = subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 
 
 def validate_config(cfg: DictConfig) -> None:
-    for check in (check_model, check_data, check_peft, check_optim, check_placement, check_run):
+    for check in (check_model, check_data, check_peft, check_optim, check_fsdp_adapters, check_placement, check_run):
         check(cfg)
     for warning in precision_warnings(cfg.precision, cfg.model):
         log.warning(warning)
@@ -132,6 +132,14 @@ def check_sharding(strategy: DictConfig, uses_gpu: bool) -> None:
         raise ConfigError(f"strategy.auto_wrap={strategy.auto_wrap} is not one of: null, decoder_layers")
     if strategy.get("state_dict_type", "full") not in ("full", "sharded"):
         raise ConfigError(f"strategy.state_dict_type={strategy.state_dict_type} is not one of: full, sharded")
+
+
+def check_fsdp_adapters(cfg: DictConfig) -> None:
+    """A LoRA model's FSDP units hold flat parameters (tunelab.strategy), and Lightning can re-key a full optimizer
+    state only by original parameters: it stops at the first checkpoint (seen on 2 H100s)."""
+    if cfg.peft and str(cfg.strategy.get("_target_", "")).endswith("FSDPStrategy") and cfg.strategy.get("state_dict_type") == "full":
+        raise ConfigError("peft=lora under strategy=fsdp writes sharded checkpoints only: set strategy.state_dict_type=sharded "
+                          "(the export at the end of the run is still whole)")
 
 
 def check_nodes(num_nodes, devices) -> None:
