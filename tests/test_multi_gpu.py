@@ -28,6 +28,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 C
 SHORT = ["trainer.max_steps=10", "trainer.val_check_interval=10", "data.num_examples=400", "callbacks.progress_bar=null",
          "callbacks.early_stopping=null"]
 FSDP2 = ["strategy=fsdp", "trainer.devices=2"]
+# A 10-step tiny run on 2 ranks took under a minute on 2 H100s: a run past this limit hangs, and fails with its output.
+RUN_LIMIT = 240
 
 
 def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -37,7 +39,8 @@ def checkpoint_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_fsdp_full_fine_tune_exports_the_whole_model_from_both_shards(tmp_path, dataset_cache):
     run_dir = tmp_path / "run"
-    run_train([*SHORT, *FSDP2, "precision=bf16_true", "strategy.state_dict_type=full"], run_dir, dataset_cache)
+    run_train([*SHORT, *FSDP2, "precision=bf16_true", "strategy.state_dict_type=full"], run_dir, dataset_cache,
+              timeout=RUN_LIMIT)
     trained = checkpoint_weights(run_dir / "checkpoints" / "last.ckpt")  # Lightning's own gather, at the same step
     exported = AutoModelForCausalLM.from_pretrained(run_dir / "export").state_dict()
     # A weight the export lacked would load randomly initialised and differ; a rank-0 slice would not even load.
@@ -47,7 +50,7 @@ def test_fsdp_full_fine_tune_exports_the_whole_model_from_both_shards(tmp_path, 
 
 def test_fsdp_lora_exports_each_adapter_whole(tmp_path, dataset_cache):
     run_dir = tmp_path / "run"
-    run_train([*SHORT, *FSDP2, "peft=lora", "precision=bf16_true"], run_dir, dataset_cache)
+    run_train([*SHORT, *FSDP2, "peft=lora", "precision=bf16_true"], run_dir, dataset_cache, timeout=RUN_LIMIT)
     cfg = compose_config(["peft=lora", "precision=bf16_true"], tmp_path, dataset_cache)
     untrained = apply_peft(build_model(cfg.model, cfg.precision, build_char_tokenizer()), cfg.peft)
     expected = {name: p.shape for name, p in untrained.named_parameters() if "lora_" in name}
@@ -61,10 +64,11 @@ def test_fsdp_lora_exports_each_adapter_whole(tmp_path, dataset_cache):
 
 def test_fsdp_sharded_checkpoint_on_two_gpus_resumes(tmp_path, dataset_cache):
     common = [*SHORT, *FSDP2, "optim.total_steps=20", "logger=csv", "export=false"]
-    run_train([*common, "trainer.max_steps=20", "trainer.val_check_interval=20"], tmp_path / "straight", dataset_cache)
-    run_train(common, tmp_path / "resumed", dataset_cache)
+    twenty = ["trainer.max_steps=20", "trainer.val_check_interval=20"]
+    run_train([*common, *twenty], tmp_path / "straight", dataset_cache, timeout=RUN_LIMIT)
+    run_train(common, tmp_path / "resumed", dataset_cache, timeout=RUN_LIMIT)
     assert (tmp_path / "resumed" / "checkpoints" / "last.ckpt").is_dir()  # one shard file per rank
-    run_train([*common, "trainer.max_steps=20", "trainer.val_check_interval=20", "ckpt_path=last"], tmp_path / "resumed", dataset_cache)
+    run_train([*common, *twenty, "ckpt_path=last"], tmp_path / "resumed", dataset_cache, timeout=RUN_LIMIT)
     straight = json.loads((tmp_path / "straight" / "objective.json").read_text())
     resumed = json.loads((tmp_path / "resumed" / "objective.json").read_text())
     assert resumed["global_step"] == 20 and resumed["world_size"] == 2
