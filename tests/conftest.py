@@ -49,3 +49,14 @@ def run_train(args: list[str], run_dir: Path, cache_dir: Path, tracking_uri: str
     if check and result.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def mlflow_runs(tracking_uri: str) -> tuple[list, list]:
+    """(parent runs, child runs) of the tunelab experiment in an MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children

@@ -14,11 +14,10 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from mlflow.tracking import MlflowClient
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import ROOT, compose_config, run_train
+from tests.conftest import ROOT, compose_config, mlflow_runs, run_train
 from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.model import build_model
 from tunelab.peft import apply_peft
@@ -94,10 +93,7 @@ def test_study_sweep_of_four_trials_each_on_two_gpus(tmp_path, dataset_cache):
     for n in range(4):
         assert json.loads((sweep_dir / str(n) / "objective.json").read_text())["world_size"] == 2
         assert "Launching" not in (sweep_dir / str(n) / "torchrun.log").read_text()  # no trial starts a sweep
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert len(parents) == 1 and len(children) == 4
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert {c.info.status for c in children + parents} == {"FINISHED"}

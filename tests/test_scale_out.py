@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, mlflow_runs
 
 # Two ranks on two shared cores: small data, few steps, one validation at the end.
 SMALL = ["trainer.max_steps=8", "trainer.val_check_interval=8", "data.num_examples=300", "callbacks.progress_bar=null",
@@ -75,7 +75,6 @@ def test_study_sweep_trials_as_torchrun_jobs_nest_in_mlflow(tmp_path, dataset_ca
     """The Optuna study sweeper with the torchrun launcher: each trial a 2-process job, reporting to its own trial
     and nested under the study's parent run."""
     import optuna
-    from mlflow.tracking import MlflowClient
 
     sweep_dir = tmp_path / "sweep"
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -85,10 +84,7 @@ def test_study_sweep_trials_as_torchrun_jobs_nest_in_mlflow(tmp_path, dataset_ca
     trials = optuna.load_study(study_name="ddp", storage=storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"], result.stdout[-3000:]
     assert all(t.intermediate_values == {8: t.value} for t in trials)  # the job reported to its own trial
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert len(parents) == 1 and len(children) == 2
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert {c.data.params["paths/output_dir"] for c in children} == {str(sweep_dir / "0"), str(sweep_dir / "1")}

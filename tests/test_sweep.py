@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, mlflow_runs
 
 pytest_plugins = ["tests.services"]
 
@@ -43,15 +43,6 @@ def run_sweep(tmp_path: Path, cache: Path, *args: str, storage: str | None = Non
 
 def load_trials(tmp_path: Path, storage: str | None = None) -> list[optuna.trial.FrozenTrial]:
     return optuna.load_study(study_name="test", storage=storage or f"sqlite:///{tmp_path / 'optuna.db'}").trials
-
-
-def mlflow_runs(tracking_uri: str) -> tuple:
-    """(parent runs, child runs) of the tunelab experiment."""
-    client = MlflowClient(tracking_uri)
-    runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, children
 
 
 def assert_nothing_running(tracking_uri: str) -> None:
