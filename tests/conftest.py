@@ -38,10 +38,15 @@ def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path) -> D
     return cfg
 
 
+def subprocess_env(tmp_path: Path, cache_dir: Path, tracking_uri: str | None = None) -> dict:
+    """The environment of a train.py subprocess: the shared datasets cache, and an MLflow store under tmp_path."""
+    return {**os.environ, "TUNELAB_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1",
+            "MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+
 def run_train(args: list[str], run_dir: Path, cache_dir: Path, tracking_uri: str | None = None, check: bool = True,
               timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TUNELAB_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1"}
-    env["MLFLOW_TRACKING_URI"] = tracking_uri or f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+    env = subprocess_env(run_dir.parent, cache_dir, tracking_uri)
     result = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,

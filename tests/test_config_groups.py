@@ -2,7 +2,6 @@
 without downloading anything; a hub model option loads from a local directory made by save_pretrained."""
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 import torch

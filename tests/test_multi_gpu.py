@@ -5,7 +5,6 @@ Skipped without two CUDA GPUs (CI has none); run them on a GPU machine with `mak
 
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import ROOT, compose_config, mlflow_runs, run_train
+from tests.conftest import ROOT, compose_config, mlflow_runs, run_train, subprocess_env
 from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.model import build_model
 from tunelab.peft import apply_peft
@@ -76,17 +75,12 @@ def test_fsdp_sharded_checkpoint_on_two_gpus_resumes(tmp_path, dataset_cache):
     assert steps and min(steps) >= 10  # the second run went on from step 10 rather than starting over
 
 
-def sweep_env(tmp_path: Path, cache: Path) -> dict:
-    return {**os.environ, "TUNELAB_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-
-
 def test_study_sweep_of_four_trials_each_on_two_gpus(tmp_path, dataset_cache):
     sweep_dir, storage = tmp_path / "sweep", f"sqlite:///{tmp_path / 'optuna.db'}"
     command = [sys.executable, "train.py", "-m", "sweep=lora_search", "hydra/launcher=torchrun", *SHORT, "export=false",
                "strategy=ddp", "trainer.devices=2", "hydra.sweeper.n_trials=4", f"hydra.sweeper.storage={storage}",
                "hydra.sweeper.study_name=gpu", f"hydra.sweep.dir={sweep_dir}"]
-    result = subprocess.run(command, cwd=ROOT, env=sweep_env(tmp_path, dataset_cache), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(tmp_path, dataset_cache), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     trials = optuna.load_study(study_name="gpu", storage=storage).trials
     assert [t.state.name for t in trials] == ["COMPLETE"] * 4
@@ -103,7 +97,7 @@ def test_one_gpu_trials_run_side_by_side_on_disjoint_gpus(tmp_path, dataset_cach
     sweep_dir = tmp_path / "sweep"
     command = [sys.executable, "train.py", "-m", "hydra/launcher=torchrun", *SHORT, "export=false", "logger=none",
                "trainer.devices=1", "optim.lr=1e-3,3e-3", f"hydra.sweep.dir={sweep_dir}"]
-    result = subprocess.run(command, cwd=ROOT, env=sweep_env(tmp_path, dataset_cache), capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(tmp_path, dataset_cache), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     events = re.findall(r"#(\d) (?::.*\[1 ranks, GPUs (\d)\]|exited 0)", result.stdout + result.stderr)
     assert sorted((num, gpu) for num, gpu in events if gpu) == [("0", "0"), ("1", "1")]  # one GPU each, not the same

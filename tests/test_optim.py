@@ -4,7 +4,6 @@ import math
 
 import mlflow
 import pytest
-from omegaconf import OmegaConf
 
 from tests.conftest import FAST, compose_config, run_train
 from tunelab.char_tokenizer import build_char_tokenizer

@@ -1,7 +1,6 @@
 """Scale-out on CPU: DDP over gloo, sweeps whose trials are torchrun jobs, a two-"node" torchrun, placement errors."""
 
 import json
-import os
 import sqlite3
 import subprocess
 import sys
@@ -9,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, mlflow_runs
+from conftest import ROOT, mlflow_runs, subprocess_env
 
 # Two ranks on two shared cores: small data, few steps, one validation at the end.
 SMALL = ["trainer.max_steps=8", "trainer.val_check_interval=8", "data.num_examples=300", "callbacks.progress_bar=null",
@@ -17,13 +16,8 @@ SMALL = ["trainer.max_steps=8", "trainer.val_check_interval=8", "data.num_exampl
 DDP2 = ["strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
-def env_for(tmp_path: Path, cache: Path) -> dict:
-    return {**os.environ, "TUNELAB_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
-            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-
-
 def run(command: list[str], tmp_path: Path, cache: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=ROOT, env=env_for(tmp_path, cache), capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(tmp_path, cache), capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(command)} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result
 
@@ -96,7 +90,7 @@ def test_a_failing_trial_is_reported_failed_and_the_sweep_goes_on(tmp_path, data
     result = subprocess.run(
         [sys.executable, "train.py", "-m", "hydra/launcher=torchrun", *SMALL, "trainer.max_steps=4",
          "trainer.val_check_interval=4", "logger=none", "optim.lr=1e-3,-1", f"hydra.sweep.dir={sweep_dir}"],
-        cwd=ROOT, env=env_for(tmp_path, dataset_cache), capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=subprocess_env(tmp_path, dataset_cache), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0  # the basic sweeper re-raises the failed trial once all have run
     assert "trial #1 failed (exit code 1): tunelab: error: optim.lr=-1 must be > 0" in result.stderr
     assert (sweep_dir / "0" / "objective.json").is_file()
@@ -107,7 +101,7 @@ def test_two_node_torchrun_on_localhost_runs_the_same_job(tmp_path, dataset_cach
             "data.batch_size=8", "logger=none"]
     rendezvous = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:29731"]
     run_dir = tmp_path / "run"
-    env = env_for(tmp_path, dataset_cache)
+    env = subprocess_env(tmp_path, dataset_cache)
     nodes = [subprocess.Popen(torchrun([*rendezvous, f"--node-rank={rank}"], args, run_dir), cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
@@ -126,7 +120,7 @@ def test_two_node_torchrun_on_localhost_runs_the_same_job(tmp_path, dataset_cach
 ])
 def test_bad_placement_fails_with_one_line_before_any_process_starts(tmp_path, dataset_cache, args, message):
     result = subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
-                            env=env_for(tmp_path, dataset_cache), capture_output=True, text=True, timeout=120)
+                            env=subprocess_env(tmp_path, dataset_cache), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tunelab: error: "), result.stderr[-2000:]
@@ -137,7 +131,7 @@ def test_bad_placement_fails_with_one_line_before_any_process_starts(tmp_path, d
 
 def test_torchrun_process_count_must_match_the_config(tmp_path, dataset_cache):
     command = torchrun(["--standalone", "--nproc-per-node=2"], [*DDP2[:2], "trainer.devices=3", "logger=none"], tmp_path / "run")
-    result = subprocess.run(command, cwd=ROOT, env=env_for(tmp_path, dataset_cache), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(command, cwd=ROOT, env=subprocess_env(tmp_path, dataset_cache), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "torchrun started 2 processes per node, 2 in all, but the config asks for devices=3 x num_nodes=1" in result.stderr
 

@@ -12,7 +12,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT, mlflow_runs
+from tests.conftest import ROOT, mlflow_runs, subprocess_env
 
 pytest_plugins = ["tests.services"]
 
@@ -26,16 +26,11 @@ def sweep_command(storage: str, sweep_dir: Path, *args: str) -> list[str]:
             "hydra.sweeper.study_name=test", f"hydra.sweep.dir={sweep_dir}", *FAST, *args]
 
 
-def sweep_env(tmp_path: Path, cache: Path, tracking_uri: str | None = None) -> dict:
-    return {**os.environ, "TUNELAB_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
-            "MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{tmp_path / 'mlflow.db'}"}
-
-
 def run_sweep(tmp_path: Path, cache: Path, *args: str, storage: str | None = None, check: bool = True,
               tracking_uri: str | None = None) -> subprocess.CompletedProcess:
     storage = storage or f"sqlite:///{tmp_path / 'optuna.db'}"
     result = subprocess.run(sweep_command(storage, tmp_path / "multirun", *args), cwd=ROOT, capture_output=True,
-                            text=True, env=sweep_env(tmp_path, cache, tracking_uri), timeout=600)
+                            text=True, env=subprocess_env(tmp_path, cache, tracking_uri), timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"sweep exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -89,7 +84,7 @@ def test_killed_sweep_resumes_to_exactly_n_trials_without_overwriting(tmp_path, 
     args = ["hydra.sweeper.n_trials=4", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2",
             "trainer.max_steps=40", "trainer.val_check_interval=20"]
     sweep = subprocess.Popen(sweep_command(storage, tmp_path / "multirun", *args), cwd=ROOT, start_new_session=True,
-                             env=sweep_env(tmp_path, dataset_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             env=subprocess_env(tmp_path, dataset_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     # Trials run one after the other, so trial 2's dir appearing means trials 0 and 1 are done.
     while time.monotonic() < deadline and sweep.poll() is None and not (tmp_path / "multirun" / "2").exists():
@@ -167,7 +162,7 @@ def test_pruning_stops_trials_with_bad_learning_rates_early(tmp_path, dataset_ca
 def test_two_workers_share_one_postgres_study(tmp_path, dataset_cache, postgres_url, mlflow_server):
     optuna.storages.RDBStorage(postgres_url)  # create the schema once; two workers creating it at once race
     command = sweep_command(postgres_url, tmp_path / "multirun", "hydra.sweeper.n_trials=4")
-    workers = [subprocess.Popen(command, cwd=ROOT, env=sweep_env(tmp_path, dataset_cache, mlflow_server),
+    workers = [subprocess.Popen(command, cwd=ROOT, env=subprocess_env(tmp_path, dataset_cache, mlflow_server),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outputs = [w.communicate(timeout=600)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
