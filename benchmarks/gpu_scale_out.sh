@@ -6,28 +6,11 @@
 #   qlora / qlora_resumed  peft=qlora on one GPU over a locally saved random llama1b (4-bit NF4 as it loads)
 # llama1b architecture, random init, bf16, 4 x 2048 random tokens per GPU. ONLY="fsdp_1 fsdp_N" runs a subset.
 # Figures (one JSON line a run) go to $OUT/figures.jsonl, logs to $OUT/log.txt.
-set -uo pipefail
-OUT=${OUT:-bench_out}; mkdir -p "$OUT"; RUNS=${RUNS:-/tmp/tunelab_runs}
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TUNELAB_CACHE=/tmp/tunelab_cache MLFLOW_TRACKING_URI=sqlite:////tmp/tunelab_ml.db
-PY=${PYTHON:-python3}
+source "$(dirname "$0")/gpu_runs.sh"   # OUT, RUNS, PY, env.txt, want, run
 N=${GPUS:-$(nvidia-smi -L | wc -l)}
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  $PY -c "import torch, transformers, lightning, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'peft', peft.__version__)"
-  $PY -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)" 2>&1 | tail -1
-} | tee "$OUT/env.txt"
 COMMON="model=llama1b model.init=random model.tokenizer=char data=random_tokens precision=bf16_true
   trainer.log_every_n_steps=1 logger=csv callbacks.progress_bar=null callbacks.early_stopping=null
   callbacks.model_checkpoint.save_top_k=0 export=false"
-want() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
-run() {
-  local name=$1; shift
-  want "$name" || return 0
-  echo "=== $name: python train.py $COMMON $*" | tr -s ' \n' ' ' | tee -a "$OUT/log.txt"; echo | tee -a "$OUT/log.txt"
-  local start=$SECONDS
-  timeout 300 $PY train.py $COMMON hydra.run.dir=$RUNS/$name "$@" >> "$OUT/log.txt" 2>&1
-  echo "exit $? for $name after $((SECONDS - start)) s" | tee -a "$OUT/log.txt"
-  $PY benchmarks/run_figures.py $RUNS/$name | tee -a "$OUT/figures.jsonl"
-}
 FSDP="strategy=fsdp trainer.max_steps=30 trainer.val_check_interval=30"
 run fsdp_1 $FSDP trainer.devices=1
 run fsdp_N $FSDP trainer.devices=$N
