@@ -52,7 +52,7 @@ def main(cfg: DictConfig) -> float:
         log.info("effective batch: %d rows per optimizer step", batch)
         log_run_config(logger, cfg, {"trainable_params": trainable, "total_params": total, "effective_batch_size": batch})
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        weights = gather_fsdp_weights(trainer) if cfg.export else None  # on every rank: each sends its shard
+        weights = gather_fsdp_weights(trainer.strategy.model) if cfg.export else None  # on every rank: each sends its shard
         if trainer.is_global_zero:
             finish_run(cfg, trainer, tracker, model, tokenizer, Path(cfg.paths.output_dir), weights)
     except BaseException:

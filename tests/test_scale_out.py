@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import ROOT, mlflow_runs, subprocess_env
 
@@ -162,3 +163,27 @@ def test_fsdp_wraps_the_decoder_layer_class_of_whatever_model_is_loaded(model_ty
     adapters = [name for name in wrapped if ".lora_" in name]
     assert len(adapters) == 2 * 2 * 2  # lora_A and lora_B of q and v in each of 2 layers: units of their own
     assert all(p.requires_grad for name in adapters for p in lora.get_submodule(name).parameters())
+
+
+@pytest.mark.parametrize("peft_option", ["lora", "none"])
+def test_fsdp_export_holds_every_trained_weight_whole(peft_option, tmp_path, dataset_cache):
+    # Each trainable matrix is sharded over the 2 ranks; the export must hold all of it, not rank 0's slice, and for
+    # LoRA must find the adapter keys although FSDP's wrappers rename the modules they sit in.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from conftest import compose_config
+    from tunelab.char_tokenizer import build_char_tokenizer
+    from tunelab.model import build_model
+
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "tests/fsdp_export_worker.py",
+         str(tmp_path), peft_option], tmp_path, dataset_cache)
+    expected = torch.load(tmp_path / "expected.pt")
+    if peft_option == "lora":
+        cfg = compose_config(["peft=lora"], tmp_path, dataset_cache)
+        restored = PeftModel.from_pretrained(build_model(cfg.model, cfg.precision, build_char_tokenizer()), tmp_path / "export")
+    else:
+        restored = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    exported = dict(restored.named_parameters())
+    assert sorted(exported.keys() & expected.keys()) == sorted(expected)
+    assert [name for name, value in expected.items() if not torch.equal(exported[name], value)] == []
