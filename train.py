@@ -14,13 +14,13 @@ from tunelab.callbacks import ObjectiveTracker, build_callbacks
 from tunelab.checkpoint import gather_fsdp_weights, resolve_ckpt_path
 from tunelab.config import ConfigError, validate_config
 from tunelab.data import build_datamodule
-from tunelab.logger import build_logger, log_run_config, mark_failed
+from tunelab.logger import build_logger, log_run_config, logger_callbacks, mark_failed
 from tunelab.model import build_model, build_tokenizer, count_parameters
 from tunelab.module import CausalLMModule
 from tunelab.peft import apply_peft, base_quantization
 from tunelab.report import finish_run
 from tunelab.study_trial import study_trial_callbacks
-from tunelab.trainer import build_trainer, effective_batch_size
+from tunelab.trainer import build_trainer, effective_batch_size, stop_every_rank
 
 log = logging.getLogger("tunelab")
 
@@ -45,7 +45,7 @@ def main(cfg: DictConfig) -> float:
 
     logger = build_logger(cfg)
     tracker = ObjectiveTracker(cfg.objective.metric, cfg.objective.mode)
-    callbacks = [*build_callbacks(cfg.callbacks), tracker, *study_trial_callbacks(cfg, logger)]
+    callbacks = [*build_callbacks(cfg.callbacks), tracker, *logger_callbacks(cfg), *study_trial_callbacks(cfg, logger)]
     trainer = build_trainer(cfg, callbacks, logger, model)
     try:
         batch = effective_batch_size(trainer, cfg.data.batch_size)
@@ -57,6 +57,7 @@ def main(cfg: DictConfig) -> float:
             finish_run(cfg, trainer, tracker, model, tokenizer, Path(cfg.paths.output_dir), weights)
     except BaseException:
         mark_failed(logger)
+        stop_every_rank(trainer)
         raise
     return tracker.best
 

@@ -1,6 +1,7 @@
 """Shared helpers: compose the real config, and run the real `train.py` in a subprocess on the embedded default."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -45,12 +46,21 @@ def subprocess_env(tmp_path: Path, cache_dir: Path, tracking_uri: str | None = N
 
 
 def run_train(args: list[str], run_dir: Path, cache_dir: Path, tracking_uri: str | None = None, check: bool = True,
-              timeout: int = 600) -> subprocess.CompletedProcess:
-    env = subprocess_env(run_dir.parent, cache_dir, tracking_uri)
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), f"hydra.run.dir={run_dir}", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+              timeout: int = 600, script: str = "train.py", extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """train.py (or `script`) in a subprocess. One still going after `timeout` seconds gets SIGABRT, with every rank
+    it started (one process group), so each prints its Python stacks (faulthandler) into the failure: where it hangs."""
+    env = {**subprocess_env(run_dir.parent, cache_dir, tracking_uri), "PYTHONFAULTHANDLER": "1", **(extra_env or {})}
+    command = [sys.executable, str(ROOT / script), f"hydra.run.dir={run_dir}", *args]
+    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGABRT)
+            stdout, stderr = process.communicate()
+            stacks = "\n".join(line for line in stderr.splitlines() if not line.startswith("Extension modules:"))
+            raise AssertionError(f"train.py {' '.join(args)} still running after {timeout} s:\n{stdout[-3000:]}\n{stacks[-12000:]}")
+    result = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

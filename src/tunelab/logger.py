@@ -5,9 +5,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import lightning.pytorch as pl
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 SECRET_MARKERS = ("token", "password", "secret", "api_key")
@@ -72,6 +74,35 @@ def log_run_artifact(logger: Logger | None, path: Path) -> None:
 def mark_failed(logger: Logger | None) -> None:
     """Ends the MLflow run as FAILED when a run dies outside trainer.fit (which finalizes by itself)."""
     if isinstance(logger, MLFlowLogger) and logger._run_id is not None:
-        run = logger.experiment.get_run(logger.run_id)
-        if run.info.status == "RUNNING":
-            logger.experiment.set_terminated(logger.run_id, "FAILED")
+        end_run_failed(logger._tracking_uri, logger.run_id)
+
+
+def end_run_failed(tracking_uri: str, run_id: str) -> None:
+    client = MlflowClient(tracking_uri)
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_terminated(run_id, "FAILED")
+
+
+class FailedRunMarker(pl.Callback):
+    """Lets whichever rank fails end the MLflow run as FAILED. Only rank 0 holds the run, and when another rank
+    fails, rank 0 is left waiting in a collective until it is killed: so rank 0 shares the run id at setup."""
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self.run_id = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        logger = trainer.logger
+        own = logger.run_id if trainer.is_global_zero and isinstance(logger, MLFlowLogger) else None
+        self.run_id = trainer.strategy.broadcast(own)  # every rank takes part
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.run_id is not None:
+            end_run_failed(self.tracking_uri, self.run_id)
+
+
+def logger_callbacks(cfg: DictConfig) -> list[pl.Callback]:
+    """Callbacks every rank needs for the configured logger (built from the config: ranks other than 0 have none)."""
+    if cfg.logger and cfg.logger._target_.endswith("MLFlowLogger"):
+        return [FailedRunMarker(cfg.logger.tracking_uri)]
+    return []

@@ -5,6 +5,7 @@ import random
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning_utilities import apply_to_collection
 from omegaconf import DictConfig
 from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import PreTrainedModel
@@ -89,5 +90,10 @@ class CausalLMModule(pl.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in self.trainable_keys}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # A sharded FSDP checkpoint's metadata (callback states among it) is rank 0's torch.save, which loads onto
+        # cuda:0 on every rank; ModelCheckpoint would then compare rank 1's score on cuda:1 with best scores on cuda:0
+        # and fail. This hook runs before callback states are restored, and CPU scalars mix with any device.
+        if "callbacks" in checkpoint:
+            checkpoint["callbacks"] = apply_to_collection(checkpoint["callbacks"], torch.Tensor, torch.Tensor.cpu)
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])

@@ -1,12 +1,21 @@
 """Builds the Lightning Trainer from the `trainer` knobs and the strategy, precision, callbacks and logger groups."""
 
+import logging
+import os
+import signal
+
 import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor, ProgressBar
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from torch import nn
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.strategy import build_strategy, strategy_accelerator, strategy_devices
+
+log = logging.getLogger("tunelab")
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger | None, model: nn.Module | None = None) -> pl.Trainer:
@@ -34,3 +43,17 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger 
 def effective_batch_size(trainer: pl.Trainer, per_device_batch_size: int) -> int:
     """Rows per optimizer step: per-device batch x devices x nodes x accumulation."""
     return per_device_batch_size * trainer.world_size * trainer.accumulate_grad_batches
+
+
+def stop_every_rank(trainer: pl.Trainer) -> None:
+    """After an error on one rank of a multi-process run, end every rank now, with exit code 1. Left alone, the
+    others wait in their next NCCL collective until its timeout (30 minutes), and this process's exit waits on them.
+    A rank Lightning started is ended by rank 0's launcher watching it exit; torchrun ends the others itself."""
+    if trainer.world_size == 1 or HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep goes on to its next trial
+        return
+    launcher = trainer.strategy.launcher
+    if isinstance(launcher, _SubprocessScriptLauncher):  # rank 0 of a run that started the other ranks itself
+        launcher.kill(signal.SIGKILL)
+    log.exception("rank %d failed; every rank of the run is stopped", trainer.global_rank)
+    logging.shutdown()
+    os._exit(1)
