@@ -24,7 +24,8 @@ class FailOnRank(pl.Callback):
 
 
 configured = tunelab.callbacks.build_callbacks
-tunelab.callbacks.build_callbacks = lambda cfg: [*configured(cfg), FailOnRank(int(os.environ["FAIL_RANK"]), int(os.environ["FAIL_STEP"]))]
+failing = FailOnRank(int(os.environ["FAIL_RANK"]), int(os.environ["FAIL_STEP"]))
+tunelab.callbacks.build_callbacks = lambda cfg: [*configured(cfg), failing]
 
 if __name__ == "__main__":
     # train.py as __main__, its import of build_callbacks getting the one above; sys.argv[0] stays this script, which
