@@ -66,6 +66,12 @@ def run_train(args: list[str], run_dir: Path, cache_dir: Path, tracking_uri: str
     return result
 
 
+def run_with_failing_rank(args: list[str], run_dir: Path, cache_dir: Path, rank: int, timeout: int) -> subprocess.CompletedProcess:
+    """train.py with rank `rank` raising at global step 3 (tests/failing_rank_train.py); its exit is the test's to judge."""
+    return run_train(args, run_dir, cache_dir, check=False, timeout=timeout, script="tests/failing_rank_train.py",
+                     extra_env={"FAIL_RANK": str(rank), "FAIL_STEP": "3"})
+
+
 def mlflow_runs(tracking_uri: str) -> tuple[list, list]:
     """(parent runs, child runs) of the tunelab experiment in an MLflow store."""
     from mlflow.tracking import MlflowClient

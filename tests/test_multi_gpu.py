@@ -16,7 +16,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from tests.conftest import ROOT, compose_config, mlflow_runs, run_train, subprocess_env
+from tests.conftest import ROOT, compose_config, mlflow_runs, run_train, run_with_failing_rank, subprocess_env
 from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.model import build_model
 from tunelab.peft import apply_peft
@@ -82,8 +82,7 @@ def test_a_failing_rank_ends_the_whole_fsdp_run_at_once(failing_rank, tmp_path, 
     # Over NCCL the other rank would wait in its next collective for 30 minutes (seen: a resume whose rank 1 raised
     # hung until killed); the run must end with an error within the time a healthy run takes.
     run_dir = tmp_path / "run"
-    result = run_train([*SHORT, *FSDP2, "export=false"], run_dir, dataset_cache, check=False, timeout=RUN_LIMIT,
-                       script="tests/failing_rank_train.py", extra_env={"FAIL_RANK": str(failing_rank), "FAIL_STEP": "3"})
+    result = run_with_failing_rank([*SHORT, *FSDP2, "export=false"], run_dir, dataset_cache, failing_rank, timeout=RUN_LIMIT)
     assert result.returncode != 0  # 1, or -9 where rank 0's launcher killed it on seeing a rank fail
     assert f"rank {failing_rank} fails at step 3" in result.stdout + result.stderr
     parents, _ = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, mlflow_runs, run_train, subprocess_env
+from conftest import ROOT, mlflow_runs, run_with_failing_rank, subprocess_env
 
 # Two ranks on two shared cores: small data, few steps, one validation at the end.
 SMALL = ["trainer.max_steps=8", "trainer.val_check_interval=8", "data.num_examples=300", "callbacks.progress_bar=null",
@@ -192,8 +192,7 @@ def test_fsdp_export_holds_every_trained_weight_whole(peft_option, tmp_path, dat
 @pytest.mark.parametrize("failing_rank", [0, 1])
 def test_a_failing_rank_ends_the_whole_run_with_an_error(failing_rank, tmp_path, dataset_cache):
     run_dir = tmp_path / "run"
-    result = run_train([*SMALL, *DDP2], run_dir, dataset_cache, check=False, timeout=240,
-                       script="tests/failing_rank_train.py", extra_env={"FAIL_RANK": str(failing_rank), "FAIL_STEP": "3"})
+    result = run_with_failing_rank([*SMALL, *DDP2], run_dir, dataset_cache, failing_rank, timeout=240)
     assert result.returncode != 0  # 1, or -9 where rank 0's launcher killed it on seeing a rank fail
     assert f"rank {failing_rank} fails at step 3" in result.stdout + result.stderr  # what the user's terminal shows
     parents, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
