@@ -14,11 +14,13 @@ from tunelab.callbacks import ObjectiveTracker, build_callbacks
 from tunelab.checkpoint import gather_fsdp_weights, resolve_ckpt_path
 from tunelab.config import ConfigError, validate_config
 from tunelab.data import build_datamodule
+from tunelab.kernels import apply_kernels, build_loss
 from tunelab.logger import build_logger, log_run_config, logger_callbacks, mark_failed
 from tunelab.model import build_model, build_tokenizer, count_parameters
 from tunelab.module import CausalLMModule
 from tunelab.peft import apply_peft, base_quantization
 from tunelab.report import finish_run
+from tunelab.strategy import build_device, runs_on_gpu
 from tunelab.study_trial import study_trial_callbacks
 from tunelab.trainer import build_trainer, effective_batch_size, stop_every_rank
 
@@ -38,10 +40,14 @@ def main(cfg: DictConfig) -> float:
     pl.seed_everything(cfg.seed, workers=True)
     tokenizer = build_tokenizer(cfg.model)
     datamodule = build_datamodule(cfg.data, tokenizer)
-    model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer, base_quantization(cfg.peft)), cfg.peft)
+    on_gpu = runs_on_gpu(cfg.strategy, cfg.trainer)
+    model = build_model(cfg.model, cfg.precision, tokenizer, base_quantization(cfg.peft), packed=cfg.data.get("packing", False),
+                        device=build_device(cfg.strategy, on_gpu))
+    model = apply_peft(model, cfg.peft)
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    module = CausalLMModule(model, cfg.optim, adapter_only_checkpoints=bool(cfg.peft))
+    module = CausalLMModule(apply_kernels(model, cfg.kernels, on_gpu), cfg.optim, adapter_only_checkpoints=bool(cfg.peft),
+                            loss=build_loss(cfg.kernels, model, on_gpu))
 
     logger = build_logger(cfg)
     tracker = ObjectiveTracker(cfg.objective.metric, cfg.objective.mode)

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.precision import precision_warnings
-from tunelab.strategy import AUTO_WRAP_CHOICES, is_known_strategy, strategy_accelerator, strategy_devices
+from tunelab.strategy import AUTO_WRAP_CHOICES, is_known_strategy, runs_on_gpu, strategy_devices
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 
 
 def validate_config(cfg: DictConfig) -> None:
-    for check in (check_model, check_data, check_peft, check_optim, check_fsdp_adapters, check_placement, check_run):
+    for check in (check_model, check_data, check_peft, check_kernels, check_optim, check_fsdp_adapters, check_placement,
+                  check_run):
         check(cfg)
     for warning in precision_warnings(cfg.precision, cfg.model):
         log.warning(warning)
@@ -89,6 +90,30 @@ def check_peft(cfg: DictConfig) -> None:
             raise ConfigError(f"peft=qlora does not run under strategy={cfg.strategy.name}: use strategy=auto (one device) or strategy=ddp")
 
 
+def check_kernels(cfg: DictConfig) -> None:
+    from tunelab.kernels import COMPILES, FUSED_OPS, LOSSES, resolve
+
+    kernels = cfg.kernels
+    for key, choices in (("loss", LOSSES), ("compile", COMPILES), ("fused_ops", FUSED_OPS)):
+        if kernels[key] not in choices:
+            raise ConfigError(f"kernels.{key}={kernels[key]} is not one of: {', '.join(choices)}")
+    if not isinstance(kernels.loss_chunk_size, int) or kernels.loss_chunk_size < 1:
+        raise ConfigError(f"kernels.loss_chunk_size={kernels.loss_chunk_size} must be an integer >= 1")
+    on_gpu = runs_on_gpu(cfg.strategy, cfg.trainer)
+    chosen = resolve(kernels, on_gpu)
+    if chosen["loss"] != "plain" and cfg.peft and "lm_head" in (cfg.peft.get("target_modules") or []):
+        raise ConfigError("peft.target_modules has lm_head, which the fused loss reads as a plain weight: "
+                          "use kernels.loss=plain, or drop lm_head from the targets")
+    for key in ("loss", "fused_ops"):
+        if chosen[key] != "liger":
+            continue
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError(f"kernels.{key}=liger needs the liger-kernel package: pip install liger-kernel")
+        if not on_gpu:
+            raise ConfigError(f"kernels.{key}=liger runs on CUDA GPUs only (Triton kernels): on CPU use "
+                              f"kernels.{key}={'chunked' if key == 'loss' else 'none'}")
+
+
 def check_optim(cfg: DictConfig) -> None:
     optim = cfg.optim
     if not optim.lr > 0:
@@ -106,10 +131,9 @@ def check_placement(cfg: DictConfig) -> None:
         raise ConfigError(f"precision {cfg.precision.value} is not one of: {', '.join(sorted(PRECISIONS))}")
     if not is_known_strategy(strategy):
         raise ConfigError(f"strategy.name={strategy.name} is not a Lightning strategy: use an option of conf/strategy or give a _target_")
-    accelerator = strategy_accelerator(strategy, trainer)
     devices = strategy_devices(strategy, trainer)
     gpus = torch.cuda.device_count()
-    uses_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpus > 0)
+    uses_gpu = runs_on_gpu(strategy, trainer)
     check_sharding(strategy, uses_gpu)
     check_nodes(trainer.num_nodes, devices)
     if uses_gpu:

@@ -35,14 +35,22 @@ def quantized_device_map() -> dict[str, int | str]:
 
 
 def build_model(cfg: DictConfig, precision_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase,
-                quantization: BitsAndBytesConfig | None = None) -> PreTrainedModel:
+                quantization: BitsAndBytesConfig | None = None, packed: bool = False,
+                device: torch.device | str = "cpu") -> PreTrainedModel:
+    """`packed`: the training batches are packed rows (data.packing), so attention must keep their examples apart.
+    `device`: where a randomly initialised model is built (tunelab.strategy.build_device)."""
     dtype = model_dtype(cfg, precision_cfg)
+    attention = cfg.attn_implementation
+    if packed or attention == "sdpa":
+        from tunelab.packing import TRAINING_ATTENTION
+
+        attention = TRAINING_ATTENTION
     if cfg.init == "pretrained":
         placement = {"quantization_config": quantization, "device_map": quantized_device_map()} if quantization else {}
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,
             dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
+            attn_implementation=attention,
             trust_remote_code=cfg.trust_remote_code,
             **placement,
         )
@@ -51,12 +59,13 @@ def build_model(cfg: DictConfig, precision_cfg: DictConfig, tokenizer: PreTraine
                      quantization.bnb_4bit_quant_type if quantization.load_in_4bit else "int8",
                      model.get_memory_footprint() / 2**30)
     else:
-        model = AutoModelForCausalLM.from_config(
-            architecture_config(cfg, tokenizer),
-            dtype=dtype,
-            attn_implementation=cfg.attn_implementation,
-            trust_remote_code=cfg.trust_remote_code,
-        )
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(
+                architecture_config(cfg, tokenizer),
+                dtype=dtype,
+                attn_implementation=attention,
+                trust_remote_code=cfg.trust_remote_code,
+            )
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

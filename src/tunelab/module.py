@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import PreTrainedModel
 
-from tunelab.data import IGNORE_INDEX
+from tunelab.data import IGNORE_INDEX, model_inputs
 from tunelab.optim import build_optimizer, build_scheduler
 
 
@@ -44,10 +44,20 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def model_loss(model: PreTrainedModel, batch: dict) -> torch.Tensor:
+    """The model's own causal-LM loss, over logits it materialises whole."""
+    return model(**model_inputs(batch), use_cache=False).loss
+
+
 class CausalLMModule(pl.LightningModule):
-    def __init__(self, model: PreTrainedModel, optim: DictConfig, adapter_only_checkpoints: bool = False):
+    """`loss`: a callable (model, batch) -> training loss; one with an `evaluate(model, batch)` method (tunelab.kernels'
+    fused loss) also computes validation loss and per-row exact match without materialising the logits."""
+
+    def __init__(self, model: PreTrainedModel, optim: DictConfig, adapter_only_checkpoints: bool = False,
+                 loss=model_loss):
         super().__init__()
         self.model = model
+        self.loss = loss
         self.optim_cfg = optim
         self.adapter_only_checkpoints = adapter_only_checkpoints
         # Named before any wrapping: FSDP may replace the parameters by flat ones whose names match no state_dict key.
@@ -59,15 +69,19 @@ class CausalLMModule(pl.LightningModule):
         return self.model(**batch)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
+        loss = self.loss(self.model, batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].size(0))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        outputs = self.model(**batch)
+        if hasattr(self.loss, "evaluate"):
+            loss, matches = self.loss.evaluate(self.model, batch)
+        else:
+            outputs = self.model(**model_inputs(batch), use_cache=False)
+            loss, matches = outputs.loss, exact_match(outputs.logits, batch["labels"])
         size = batch["input_ids"].size(0)
-        self.log("val/loss", outputs.loss, prog_bar=True, sync_dist=True, batch_size=size)
-        self.log("val/exact_match", exact_match(outputs.logits, batch["labels"]).mean(), prog_bar=True, sync_dist=True, batch_size=size)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
+        self.log("val/exact_match", matches.mean(), prog_bar=True, sync_dist=True, batch_size=size)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)
