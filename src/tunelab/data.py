@@ -100,6 +100,88 @@ class InstructionCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def model_inputs(batch: dict) -> dict:
+    """What the model is called with. tunelab's collators pad on the right, where causal attention alone keeps every
+    real token from seeing padding, so the padding mask is left out: transformers then builds no mask and makes no
+    check of one on the host (a GPU sync each forward). The mask stays in the batch for counting tokens."""
+    return {key: value for key, value in batch.items() if key != "attention_mask"}
+
+
+class PackedCollator:
+    """Concatenates a batch's examples into one row of exactly `budget` tokens (the rest padding), for varlen
+    attention (tunelab.packing): positions restart at 0 for each example, `cu_seq_lens_*` mark where each example (and
+    the trailing padding, a segment of its own) starts, and each example's first label is -100, so no position learns
+    the next example's first token. Shapes never change, so compiled layers see one shape."""
+
+    def __init__(self, pad_token_id: int, budget: int):
+        self.pad_token_id = pad_token_id
+        self.budget = budget
+
+    def __call__(self, rows: list[dict]) -> dict:
+        lengths = [len(row["input_ids"]) for row in rows]
+        used = sum(lengths)
+        if used > self.budget:
+            raise ValueError(f"packed examples hold {used} tokens, more than the budget of {self.budget}")
+        segments = lengths + ([self.budget - used] if used < self.budget else [])
+        input_ids = torch.full((1, self.budget), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((1, self.budget), IGNORE_INDEX, dtype=torch.long)
+        start = 0
+        for row, n in zip(rows, lengths):
+            input_ids[0, start:start + n] = torch.tensor(row["input_ids"])
+            labels[0, start + 1:start + n] = torch.tensor(row["labels"][1:])
+            start += n
+        position_ids = torch.cat([torch.arange(n) for n in segments])[None]
+        bounds = torch.tensor([0, *segments], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        longest = max(segments)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                "attention_mask": (torch.arange(self.budget) < used).long()[None],
+                "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest}
+
+
+def pack_in_order(order: list[int], lengths: list[int], budget: int, open_batches: int = 16) -> list[list[int]]:
+    """Example indices grouped into batches of at most `budget` tokens: first fit over the given (shuffled) order into
+    up to `open_batches` batches at once, the oldest closing when another must open. Keeps the shuffle's mix, and
+    fills batches better than closing each at the first example that does not fit."""
+    batches, closed = [], []
+    for index in order:
+        n = lengths[index]
+        target = next((batch for batch in batches if batch[0] + n <= budget), None)
+        if target is None:
+            if len(batches) == open_batches:
+                closed.append(batches.pop(0)[1])
+            target = [0, []]
+            batches.append(target)
+        target[0] += n
+        target[1].append(index)
+    return closed + [indices for _, indices in batches]
+
+
+class PackedBatchSampler(Sampler[list[int]]):
+    """Each epoch: a seeded shuffle, packed greedily into batches of at most `budget` tokens, split across ranks (every
+    rank gets as many batches), starting `skip` batches in after a mid-epoch resume."""
+
+    def __init__(self, lengths: list[int], budget: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        self.lengths, self.budget, self.seed = lengths, budget, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        batches = pack_in_order(torch.randperm(len(self.lengths), generator=generator).tolist(), self.lengths, self.budget)
+        return batches[self.rank : len(batches) - len(batches) % self.num_replicas : self.num_replicas]
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        yield from self._batches()[skip:]
+
+
 class ResumableSampler(Sampler[int]):
     """A seeded shuffle per epoch, split across ranks, that can start mid-epoch.
 
@@ -155,6 +237,8 @@ class InstructionDataModule(pl.LightningDataModule):
         num_workers: int,
         seed: int,
         cache_dir: str,
+        packing: bool = False,
+        pack_tokens: int | None = None,
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -168,6 +252,8 @@ class InstructionDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = cache_dir
+        self.packing = packing
+        self.pack_tokens = pack_tokens or batch_size * max_length
         self.train: Dataset | None = None
         self.val: Dataset | None = None
 
@@ -205,7 +291,23 @@ class InstructionDataModule(pl.LightningDataModule):
         return int(self.val_size) if self.val_size >= 1 else self.val_size
 
     def train_dataloader(self) -> DataLoader:
+        if self.packing:
+            return self._packed_loader()
         return self._loader(self.train, sampler=resumable_sampler(self.trainer, len(self.train), self.seed, self.batch_size))
+
+    def _packed_loader(self) -> DataLoader:
+        trainer = self.trainer
+        lengths = [len(ids) for ids in self.train["input_ids"]]
+        sampler = PackedBatchSampler(lengths, self.pack_tokens, self.seed, trainer.world_size, trainer.global_rank)
+        sampler.set_epoch(trainer.current_epoch)
+        sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return DataLoader(
+            self.train.with_format(columns=["input_ids", "labels"]),
+            batch_sampler=sampler,
+            collate_fn=PackedCollator(self.tokenizer.pad_token_id, self.pack_tokens),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val, sampler=None)
