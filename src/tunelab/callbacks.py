@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 
 class GradNormMonitor(pl.Callback):
-    """Logs the gradient norm of each optimizer parameter group (and of all of them) before every optimizer step."""
+    """Logs the gradient norm of each optimizer parameter group (and of all of them) on logging steps only
+    (trainer.log_every_n_steps): the norms stay on the device until the logger reads them."""
 
     def __init__(self, norm_type: float = 2.0):
         self.norm_type = norm_type
@@ -24,42 +25,63 @@ class GradNormMonitor(pl.Callback):
         for i, group in enumerate(optimizer.param_groups):
             grads = [p.grad for p in group["params"] if p.grad is not None]
             if grads:
-                norms[f"grad_norm/{group.get('name', i)}"] = torch.linalg.vector_norm(
-                    torch.stack([torch.linalg.vector_norm(g.detach().float(), self.norm_type) for g in grads]), self.norm_type
-                )
+                per_tensor = torch._foreach_norm(grads, self.norm_type, dtype=torch.float32)
+                norms[f"grad_norm/{group.get('name', i)}"] = torch.linalg.vector_norm(torch.stack(per_tensor), self.norm_type)
         if norms:
             norms["grad_norm/total"] = torch.linalg.vector_norm(torch.stack(list(norms.values())), self.norm_type)
             pl_module.log_dict(norms, on_step=True, on_epoch=False)
 
 
 class TokenThroughputMonitor(pl.Callback):
-    """Non-padding tokens per second of training, per step (progress bar and logger) and over the whole run.
+    """Non-padding tokens per second of training, over each window of logging steps (trainer.log_every_n_steps) and
+    over the whole run.
 
-    Time runs from one training batch's end to the next, so data loading, logging and checkpointing count too;
-    validation does not.
+    Tokens are summed on the device and read once per window, where the clock is read too: no GPU-to-host sync on the
+    steps between. A window ends at each logging step and before each validation, so data loading, logging and
+    checkpointing count; validation does not.
     """
 
     def __init__(self):
         self.tokens = 0
         self.seconds = 0.0
-        self._last = None
+        self._window_tokens = None
+        self._window_start = None
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else float("nan")
 
-    def _restart_clock(self, *_) -> None:
-        self._last = time.perf_counter()
+    def _start_window(self, *_) -> None:
+        self._window_tokens, self._window_start = 0, time.perf_counter()
 
-    on_train_start = on_validation_end = _restart_clock
+    on_train_start = on_validation_end = _start_window
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        seconds, self._last = now - self._last, now
-        tokens = int(batch["attention_mask"].sum()) * trainer.world_size
+    def _close_window(self, trainer) -> float | None:
+        """tokens/s of the window now ending (all ranks), or None for an empty one."""
+        if self._window_start is None or not torch.is_tensor(self._window_tokens):
+            return None
+        tokens = int(self._window_tokens) * trainer.world_size  # the one sync of the window
+        seconds = time.perf_counter() - self._window_start
         self.tokens += tokens
         self.seconds += seconds
-        pl_module.log("train/tokens_per_s", tokens / seconds, prog_bar=True, on_step=True, on_epoch=False)
+        self._start_window()
+        return tokens / seconds
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._window_tokens = self._window_tokens + batch["attention_mask"].sum()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer._logger_connector.should_update_logs:
+            rate = self._close_window(trainer)
+            if rate is not None:
+                pl_module.log("train/tokens_per_s", rate, prog_bar=True, on_step=True, on_epoch=False)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.training:
+            self._close_window(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._close_window(trainer)
 
 
 class RunProgressBar(RichProgressBar):
@@ -74,6 +96,12 @@ class RunProgressBar(RichProgressBar):
         # Lightning writes "Epoch 0/-2" when only max_steps bounds the run (max_epochs=-1).
         description = super()._get_train_description(current_epoch)
         return description.replace("/-2", "  ") if self.trainer.max_epochs == -1 else description
+
+    def _update_metrics(self, trainer, pl_module) -> None:
+        # Reading logged metrics copies each to the host, a GPU sync: while training, only on logging steps.
+        if trainer.training and not trainer.sanity_checking and not trainer._logger_connector.should_update_logs:
+            return
+        super()._update_metrics(trainer, pl_module)
 
     def get_metrics(self, trainer, pl_module) -> dict:
         items = super().get_metrics(trainer, pl_module)
@@ -97,6 +125,8 @@ class ObjectiveTracker(pl.Callback):
         self.train_loss: list[tuple[int, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not trainer._logger_connector.should_update_logs:  # reading a logged metric syncs with the GPU
+            return
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None:
             self.train_loss.append((trainer.global_step, float(loss)))
