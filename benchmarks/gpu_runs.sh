@@ -3,7 +3,7 @@
 # its figures (benchmarks/run_figures.py) to $OUT/figures.jsonl. The caller sets COMMON.
 set -uo pipefail
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"; RUNS=${RUNS:-/tmp/tunelab_runs}
-export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TUNELAB_CACHE=/tmp/tunelab_cache MLFLOW_TRACKING_URI=sqlite:////tmp/tunelab_ml.db
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TUNELAB_CACHE=/tmp/tunelab_cache MLFLOW_TRACKING_URI=sqlite:////tmp/tunelab_ml.db
 PY=${PYTHON:-python3}
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   $PY -c "import torch, transformers, lightning, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'peft', peft.__version__)"
