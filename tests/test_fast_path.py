@@ -229,3 +229,23 @@ def test_lean_rms_norm_equals_the_model_norm_in_value_and_gradients(tmp_path, to
     assert lean_loss == pytest.approx(plain_loss.item(), rel=1e-6)
     for name, grad in plain_grads.items():
         assert torch.allclose(lean_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+class GradientsAtForward(pl.Callback):
+    def __init__(self):
+        self.alive = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.alive.append(sum(p.grad is not None for p in pl_module.parameters()))
+
+
+def test_gradients_are_freed_before_the_next_forward(tmp_path, dataset_cache, tokenizer):
+    """Lightning zeroes gradients after a step's forward pass; holding the last step's through it costs a model's worth
+    of memory at the peak (2.5 GiB for a 1B model in bf16)."""
+    cfg = compose_config(["data.num_examples=200"], tmp_path, dataset_cache)
+    probe = GradientsAtForward()
+    trainer = pl.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[probe],
+                         limit_val_batches=0, enable_model_summary=False, use_distributed_sampler=False, gradient_clip_val=1.0)
+    model = build_model(cfg.model, cfg.precision, tokenizer)
+    trainer.fit(CausalLMModule(model, cfg.optim), datamodule=build_datamodule(cfg.data, tokenizer))
+    assert probe.alive == [0, 0, 0, 0]

@@ -89,6 +89,13 @@ class CausalLMModule(pl.LightningModule):
         scheduler = build_scheduler(optimizer, self.optim_cfg, int(total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        optimizer.step(closure=optimizer_closure)
+        # Lightning zeroes gradients inside the next step's closure, after its forward pass, so the last step's
+        # gradients (a model's worth of memory) would stay allocated through every forward; free them now.
+        if type(self.trainer.strategy).__name__ != "DeepSpeedStrategy":  # DeepSpeed's engine owns its gradients
+            optimizer.zero_grad(set_to_none=True)
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         model = self.trainer.model
         if gradient_clip_val and isinstance(model, FullyShardedDataParallel):
