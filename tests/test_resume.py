@@ -17,9 +17,11 @@ def final_val_loss(uri: str, run_dir) -> tuple[int, float]:
     return last.step, last.value
 
 
-@pytest.mark.parametrize("peft", ["none", "lora"])
-def test_resume_matches_straight_run(tmp_path, dataset_cache, peft):
+@pytest.mark.parametrize("peft,packing", [("none", False), ("lora", False), ("none", True)], ids=["full", "lora", "packed"])
+def test_resume_matches_straight_run(tmp_path, dataset_cache, peft, packing):
     common = [*FAST, f"peft={peft}", f"trainer.val_check_interval={N}", f"optim.total_steps={2 * N}", "export=false"]
+    if packing:  # ~12 examples a packed batch, so the resume at step N falls mid-epoch
+        common += ["data.packing=true", "data.pack_tokens=256"]
     if peft == "lora":
         common.append("peft.lora_dropout=0.0")
     straight_uri, resumed_uri = f"sqlite:///{tmp_path / 'straight.db'}", f"sqlite:///{tmp_path / 'resumed.db'}"

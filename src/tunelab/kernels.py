@@ -61,14 +61,15 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int):
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
         for start in range(0, hidden.size(0), chunk):
             rows = hidden[start:start + chunk]
             mask = valid[start:start + chunk]
             target = torch.where(mask, targets[start:start + chunk], 0)
-            logits = (rows @ weight.T).float()
+            logits = rows @ weight.T
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 up to fp32, fp64 stays
             log_z = logits.logsumexp(-1)
             total += ((log_z - logits.gather(1, target[:, None]).squeeze(1)) * mask).sum()
             # d(sum of losses)/d(logits) = softmax - one_hot(target), zero on ignored rows.
