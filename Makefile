@@ -36,7 +36,8 @@ UI_PORT ?= 5000
 ui: install
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} --host 127.0.0.1 --port $(UI_PORT)
 
-# Throughput and memory on this machine (GPU: FSDP on the Llama-3.2-1B architecture; CPU: the default job).
+# Throughput and memory on this machine (one GPU: the fast path against hand-written loops on the Llama-3.2-1B
+# architecture, benchmarks/gpu_fast_path.sh; CPU: the default job).
 bench: install
 	bash benchmarks/run.sh
 

@@ -14,7 +14,7 @@ from tunelab.callbacks import ObjectiveTracker, build_callbacks
 from tunelab.checkpoint import gather_fsdp_weights, resolve_ckpt_path
 from tunelab.config import ConfigError, validate_config
 from tunelab.data import build_datamodule
-from tunelab.kernels import apply_kernels, build_loss
+from tunelab.kernels import apply_kernels, build_loss, resolve_kernels
 from tunelab.logger import build_logger, log_run_config, logger_callbacks, mark_failed
 from tunelab.model import build_model, build_tokenizer, count_parameters
 from tunelab.module import CausalLMModule
@@ -46,8 +46,9 @@ def main(cfg: DictConfig) -> float:
     model = apply_peft(model, cfg.peft)
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    module = CausalLMModule(apply_kernels(model, cfg.kernels, on_gpu), cfg.optim, adapter_only_checkpoints=bool(cfg.peft),
-                            loss=build_loss(cfg.kernels, model, on_gpu))
+    kernels = resolve_kernels(cfg)
+    module = CausalLMModule(apply_kernels(model, kernels, cfg.kernels.compile_mode), cfg.optim,
+                            adapter_only_checkpoints=bool(cfg.peft), loss=build_loss(kernels, model, cfg.kernels.loss_chunk_size))
 
     logger = build_logger(cfg)
     tracker = ObjectiveTracker(cfg.objective.metric, cfg.objective.mode)

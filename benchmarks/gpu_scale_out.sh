@@ -9,7 +9,7 @@
 source "$(dirname "$0")/gpu_runs.sh"   # OUT, RUNS, PY, env.txt, want, run
 N=${GPUS:-$(nvidia-smi -L | wc -l)}
 COMMON="model=llama1b model.init=random model.tokenizer=char data=random_tokens precision=bf16_true
-  trainer.log_every_n_steps=1 logger=csv callbacks.progress_bar=null callbacks.early_stopping=null
+  trainer.log_every_n_steps=5 logger=csv callbacks.progress_bar=null callbacks.early_stopping=null
   callbacks.model_checkpoint.save_top_k=0 export=false"
 FSDP="strategy=fsdp trainer.max_steps=30 trainer.val_check_interval=30"
 run fsdp_1 $FSDP trainer.devices=1

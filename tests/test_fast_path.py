@@ -13,7 +13,7 @@ from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.config import ConfigError, validate_config
 from tunelab.data import (IGNORE_INDEX, InstructionCollator, PackedBatchSampler, PackedCollator, build_datamodule,
                           tokenize_example)
-from tunelab.kernels import FusedLinearLoss, apply_kernels
+from tunelab.kernels import FusedLinearLoss, apply_kernels, resolve_kernels
 from tunelab.model import build_model
 from tunelab.module import CausalLMModule, exact_match, model_loss
 from tunelab.peft import apply_peft
@@ -78,11 +78,20 @@ def test_fused_loss_refuses_an_adapter_on_the_output_projection(tmp_path, datase
         FusedLinearLoss(model, chunk_size=8, use_liger=False)
 
 
+def test_kernels_default_to_the_plain_path_on_cpu_and_pick_compile_or_liger_ops(tmp_path):
+    assert resolve_kernels(compose_config([], tmp_path, tmp_path)) == {"loss": "plain", "compile": "none", "fused_ops": "none"}
+    gpu = ["trainer.accelerator=gpu"]  # what `auto` resolves to on a CUDA machine (resolution only: nothing is built)
+    assert resolve_kernels(compose_config(gpu, tmp_path, tmp_path))["compile"] == "layers"
+    assert resolve_kernels(compose_config([*gpu, "kernels.compile=none"], tmp_path, tmp_path))["fused_ops"] in ("liger", "none")
+    fsdp_lora = compose_config([*gpu, "strategy=fsdp", "peft=lora"], tmp_path, tmp_path)
+    assert resolve_kernels(fsdp_lora)["compile"] == "none"  # untested there: eager layers
+
+
 def test_kernels_leave_state_dict_keys_unchanged(tmp_path, tokenizer):
     model = tiny_model(tmp_path, tokenizer)
     keys = list(model.state_dict())
     cfg = compose_config(["kernels.compile=layers", "kernels.loss=chunked", "kernels.fused_ops=native"], tmp_path, tmp_path)
-    compiled = apply_kernels(model, cfg.kernels, on_gpu=False)
+    compiled = apply_kernels(model, resolve_kernels(cfg))
     assert list(compiled.state_dict()) == keys
     assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
 

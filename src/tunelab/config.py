@@ -91,7 +91,7 @@ def check_peft(cfg: DictConfig) -> None:
 
 
 def check_kernels(cfg: DictConfig) -> None:
-    from tunelab.kernels import COMPILES, FUSED_OPS, LOSSES, resolve
+    from tunelab.kernels import COMPILES, FUSED_OPS, LOSSES, resolve_kernels
 
     kernels = cfg.kernels
     for key, choices in (("loss", LOSSES), ("compile", COMPILES), ("fused_ops", FUSED_OPS)):
@@ -100,7 +100,7 @@ def check_kernels(cfg: DictConfig) -> None:
     if not isinstance(kernels.loss_chunk_size, int) or kernels.loss_chunk_size < 1:
         raise ConfigError(f"kernels.loss_chunk_size={kernels.loss_chunk_size} must be an integer >= 1")
     on_gpu = runs_on_gpu(cfg.strategy, cfg.trainer)
-    chosen = resolve(kernels, on_gpu)
+    chosen = resolve_kernels(cfg)
     if chosen["loss"] != "plain" and cfg.peft and "lm_head" in (cfg.peft.get("target_modules") or []):
         raise ConfigError("peft.target_modules has lm_head, which the fused loss reads as a plain weight: "
                           "use kernels.loss=plain, or drop lm_head from the targets")

@@ -35,18 +35,26 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def resolve(cfg: DictConfig, on_gpu: bool) -> dict[str, str]:
-    """Each `auto` of the group replaced by what it means on this hardware. liger's RMSNorm and SwiGLU are Triton
-    kernels that torch.compile cannot trace into a layer's graph, so `auto` takes them only where layers stay eager;
-    compiled layers were faster on one H100 (BENCHMARKS.md, fast path)."""
+def resolve_kernels(cfg: DictConfig) -> dict[str, str]:
+    """Each `auto` of the run's kernels group replaced by what it means for this run (the whole config: hardware,
+    strategy, adapters). liger's RMSNorm and SwiGLU are Triton kernels that torch.compile cannot trace into a layer's
+    graph, so `auto` takes them only where layers stay eager; compiled layers were faster on one H100 (BENCHMARKS.md,
+    fast path). Layers stay eager where compiling them is untested: over a 4-bit base (bitsandbytes kernels) and
+    for adapters under FSDP (flat, non-original parameters)."""
+    from tunelab.strategy import runs_on_gpu
+
+    kernels = cfg.kernels
+    on_gpu = runs_on_gpu(cfg.strategy, cfg.trainer)
     liger = on_gpu and liger_available()
-    compile_layers = ("layers" if on_gpu else "none") if cfg.compile == "auto" else cfg.compile
-    return {
-        "loss": (("liger" if liger else "chunked") if on_gpu else "plain") if cfg.loss == "auto" else cfg.loss,
-        "compile": compile_layers,
-        "fused_ops": (("liger" if liger else "none") if compile_layers == "none" else "native") if cfg.fused_ops == "auto"
-        else cfg.fused_ops,
-    }
+    untested = bool(cfg.peft) and (cfg.peft.get("quantize_base") is not None
+                                   or str(cfg.strategy.get("_target_", "")).endswith("FSDPStrategy"))
+    compile_layers = kernels.compile if kernels.compile != "auto" else "layers" if on_gpu and not untested else "none"
+    if kernels.fused_ops != "auto":
+        fused_ops = kernels.fused_ops
+    else:
+        fused_ops = "native" if compile_layers == "layers" else "liger" if liger else "none"
+    loss = kernels.loss if kernels.loss != "auto" else ("liger" if liger else "chunked") if on_gpu else "plain"
+    return {"loss": loss, "compile": compile_layers, "fused_ops": fused_ops}
 
 
 # ── the loss ──────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -150,14 +158,14 @@ def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     return liger_fused_linear_cross_entropy(hidden, weight, targets, ignore_index=IGNORE_INDEX, reduction="mean")
 
 
-def build_loss(cfg: DictConfig, model: nn.Module, on_gpu: bool):
-    """A callable (model, batch) -> scalar training loss."""
-    loss = resolve(cfg, on_gpu)["loss"]
+def build_loss(choice: dict[str, str], model: nn.Module, chunk_size: int):
+    """A callable (model, batch) -> scalar training loss, for the kernels `resolve_kernels` chose."""
+    loss = choice["loss"]
     if loss == "plain":
         from tunelab.module import model_loss
 
         return model_loss
-    return FusedLinearLoss(model, cfg.loss_chunk_size, use_liger=loss == "liger")
+    return FusedLinearLoss(model, chunk_size, use_liger=loss == "liger")
 
 
 # ── the layers ────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -233,15 +241,14 @@ def apply_fused_ops(model: nn.Module, kind: str) -> int:
     return patched
 
 
-def apply_kernels(model: nn.Module, cfg: DictConfig, on_gpu: bool) -> nn.Module:
-    """The model with the group's fused ops and compiled layers, in place (its state_dict keys are unchanged)."""
-    choice = resolve(cfg, on_gpu)
+def apply_kernels(model: nn.Module, choice: dict[str, str], compile_mode: str | None = None) -> nn.Module:
+    """The model with the fused ops and compiled layers `resolve_kernels` chose, in place (its state_dict keys are unchanged)."""
     if choice["fused_ops"] != "none":
         log.info("kernels: %s fused ops on %d modules of this model", choice["fused_ops"], apply_fused_ops(model, choice["fused_ops"]))
     if choice["compile"] == "layers":
         layers = decoder_layers(model)
         for layer in layers:
-            layer.compile(mode=cfg.compile_mode)
-        log.info("kernels: %d decoder layers compiled (torch.compile, mode %s)", len(layers), cfg.compile_mode)
+            layer.compile(mode=compile_mode)
+        log.info("kernels: %d decoder layers compiled (torch.compile, mode %s)", len(layers), compile_mode)
     log.info("kernels: loss %s", choice["loss"])
     return model
