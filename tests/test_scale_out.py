@@ -32,10 +32,12 @@ def torchrun(nodes_args: list[str], args: list[str], run_dir: Path) -> list[str]
     return [sys.executable, "-m", "torch.distributed.run", *nodes_args, "train.py", *args, f"hydra.run.dir={run_dir}"]
 
 
-def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(tmp_path, dataset_cache):
+@pytest.mark.parametrize("loss", ["plain", "chunked"])
+def test_ddp_on_two_processes_matches_one_process_with_the_same_global_batch(tmp_path, dataset_cache, loss):
     # Fixed-length rows whose every token is a target: the mean of two ranks' mean losses is then exactly the loss
-    # of one process over both halves, so the runs must agree to float rounding, not just roughly.
-    data = ["data=random_tokens", "data.max_length=32", "data.num_examples=256", "logger=none"]
+    # of one process over both halves, so the runs must agree to float rounding, not just roughly. `chunked`: the
+    # fast path's fused loss, whose gradients DDP must all-reduce like the model's own.
+    data = ["data=random_tokens", "data.max_length=32", "data.num_examples=256", "logger=none", f"kernels.loss={loss}"]
     one = train([*SMALL, *data, "data.batch_size=16"], tmp_path / "one", tmp_path, dataset_cache)
     two = train([*SMALL, *data, *DDP2, "data.batch_size=8"], tmp_path / "two", tmp_path, dataset_cache)
     half = train([*SMALL, *data, "data.batch_size=8"], tmp_path / "half", tmp_path, dataset_cache)

@@ -1,5 +1,6 @@
 """Builds the `model` group: a transformers causal LM and its tokenizer."""
 
+import contextlib
 import logging
 import os
 
@@ -36,9 +37,10 @@ def quantized_device_map() -> dict[str, int | str]:
 
 def build_model(cfg: DictConfig, precision_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase,
                 quantization: BitsAndBytesConfig | None = None, packed: bool = False,
-                device: torch.device | str = "cpu") -> PreTrainedModel:
+                device: torch.device | None = None) -> PreTrainedModel:
     """`packed`: the training batches are packed rows (data.packing), so attention must keep their examples apart.
-    `device`: where a randomly initialised model is built (tunelab.strategy.build_device)."""
+    `device`: where a randomly initialised model is built (tunelab.strategy.build_device); None: the current default
+    device (the CPU, or whatever `with torch.device(...)` the caller is in)."""
     dtype = model_dtype(cfg, precision_cfg)
     attention = cfg.attn_implementation
     if packed or attention == "sdpa":
@@ -59,7 +61,7 @@ def build_model(cfg: DictConfig, precision_cfg: DictConfig, tokenizer: PreTraine
                      quantization.bnb_4bit_quant_type if quantization.load_in_4bit else "int8",
                      model.get_memory_footprint() / 2**30)
     else:
-        with torch.device(device):
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_config(
                 architecture_config(cfg, tokenizer),
                 dtype=dtype,

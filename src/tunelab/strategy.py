@@ -35,13 +35,13 @@ def runs_on_gpu(cfg: DictConfig, trainer_cfg: DictConfig) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.device_count() > 0)
 
 
-def build_device(cfg: DictConfig, on_gpu: bool) -> torch.device:
+def build_device(cfg: DictConfig, on_gpu: bool) -> torch.device | None:
     """Where a randomly initialised model is built: straight on this process's GPU (LOCAL_RANK, as torchrun and
     Lightning's launcher set it) when the strategy keeps a whole copy on each, which initialises a 1B model in a
-    second instead of half a minute on the CPU; on the CPU for sharding strategies, which shard from there."""
+    second instead of half a minute on the CPU; None (the CPU) for sharding strategies, which shard from there."""
     sharded = str(cfg.get("_target_", "")).endswith(("FSDPStrategy", "DeepSpeedStrategy"))
     if not on_gpu or sharded:
-        return torch.device("cpu")
+        return None
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
