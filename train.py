@@ -10,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from tunelab.callbacks import ObjectiveTracker, build_callbacks
+from tunelab.callbacks import ObjectiveTracker, TrainingDiverged, build_callbacks
 from tunelab.checkpoint import gather_fsdp_weights, resolve_ckpt_path
 from tunelab.config import ConfigError, validate_config
 from tunelab.data import build_datamodule
@@ -62,6 +62,12 @@ def main(cfg: DictConfig) -> float:
         weights = gather_fsdp_weights(trainer.strategy.model) if cfg.export else None  # on every rank: each sends its shard
         if trainer.is_global_zero:
             finish_run(cfg, trainer, tracker, model, tokenizer, Path(cfg.paths.output_dir), weights)
+    except TrainingDiverged as error:
+        mark_failed(logger)
+        stop_every_rank(trainer)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweeper records the trial as failed and goes on
+        sys.exit(f"tunelab: error: {error}")
     except BaseException:
         mark_failed(logger)
         stop_every_rank(trainer)

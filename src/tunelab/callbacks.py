@@ -32,6 +32,74 @@ class GradNormMonitor(pl.Callback):
             pl_module.log_dict(norms, on_step=True, on_epoch=False)
 
 
+class TrainingDiverged(RuntimeError):
+    """The training loss or gradient norm turned NaN or infinite."""
+
+
+class DivergenceGuard(pl.Callback):
+    """Ends a run whose training loss or gradient norm turns non-finite (`action: stop`), or skips the optimizer step
+    of each such batch (`action: skip`).
+
+    `stop` checks on the device every step and reads the verdict on the host only at logging steps and before each
+    validation: the run stops within trainer.log_every_n_steps steps of the first bad one, names that step and its
+    value, and never reaches the checkpoint written at validation with bad weights, so the last good one stays.
+    `skip` must decide before each optimizer step, which costs one host sync a step.
+    """
+
+    def __init__(self, action: str = "stop"):
+        if action not in ("stop", "skip"):
+            raise ValueError(f"callbacks.divergence.action={action} is not one of: stop, skip")
+        self.action = action
+        self.skipped = 0
+        self._first_bad = None  # on the device: (step, loss, grad norm) of the first non-finite step, step -1 if none
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._first_bad = torch.tensor([-1.0, 0.0, 0.0], device=pl_module.device)
+
+    def _record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        first = (self._first_bad[0] < 0) & bad
+        candidate = torch.stack([torch.tensor(float(step), device=loss.device), loss.float(), grad_norm.float()])
+        self._first_bad = torch.where(first, candidate, self._first_bad)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, dtype=torch.float32))) if grads else \
+            torch.zeros((), device=pl_module.device)
+        self._grad_norm = norm
+        if self.action == "skip" and not torch.isfinite(norm):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # an optimizer leaves a parameter without a gradient as it is
+            self.skipped += 1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        logging_step = trainer._logger_connector.should_update_logs
+        if self.action == "skip":
+            if logging_step:
+                pl_module.log("train/skipped_steps", float(self.skipped), on_step=True, on_epoch=False)
+            return
+        if not isinstance(outputs, dict) or "loss" not in outputs:
+            return
+        loss = outputs["loss"].detach()
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step loggers put this batch's metrics at
+        self._record(step, loss, getattr(self, "_grad_norm", loss.new_zeros(())))
+        if logging_step:
+            self.check()
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.training and self._first_bad is not None:
+            self.check()
+
+    def check(self) -> None:
+        step, loss, grad_norm = self._first_bad.tolist()  # the host read
+        if step >= 0:
+            raise TrainingDiverged(
+                f"training diverged at step {int(step)}: train/loss={loss:g}, grad norm={grad_norm:g}; the last good "
+                "checkpoint is kept. Lower optim.lr, raise optim.warmup_steps or keep trainer.gradient_clip_val, or "
+                "set callbacks.divergence.action=skip to skip such steps")
+
+
 class TokenThroughputMonitor(pl.Callback):
     """Non-padding tokens per second of training, over each window of logging steps (trainer.log_every_n_steps) and
     over the whole run.

@@ -77,9 +77,11 @@ def mark_failed(logger: Logger | None) -> None:
         end_run_failed(logger._tracking_uri, logger.run_id)
 
 
-def end_run_failed(tracking_uri: str, run_id: str) -> None:
+def end_run_failed(tracking_uri: str, run_id: str, reason: str | None = None) -> None:
     client = MlflowClient(tracking_uri)
     if client.get_run(run_id).info.status == "RUNNING":
+        if reason:
+            client.set_tag(run_id, "tunelab.failure", reason[:5000])
         client.set_terminated(run_id, "FAILED")
 
 
@@ -98,7 +100,7 @@ class FailedRunMarker(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if self.run_id is not None:
-            end_run_failed(self.tracking_uri, self.run_id)
+            end_run_failed(self.tracking_uri, self.run_id, reason=f"{type(exception).__name__}: {exception}")
 
 
 def logger_callbacks(cfg: DictConfig) -> list[pl.Callback]:

@@ -1,0 +1,60 @@
+"""A run that goes non-finite never reports success: it stops with one line naming the step, ends FAILED in MLflow
+with the reason, and keeps its last good checkpoint resumable; or, asked to, skips the bad steps and goes on."""
+
+import math
+
+import mlflow
+import torch
+
+from tests.conftest import FAST, run_train
+
+
+def only_run(uri: str):
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
+    return client, run
+
+
+def error_line(result) -> str:
+    return [line for line in result.stderr.splitlines() if line.strip()][-1]
+
+
+def test_a_diverging_learning_rate_fails_the_run_with_one_line(tmp_path, dataset_cache):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_train([*FAST, "optim.lr=1e4", "trainer.max_steps=60", "trainer.val_check_interval=20", "export=false"],
+                       tmp_path / "run", dataset_cache, uri, check=False)
+    assert result.returncode != 0
+    assert error_line(result).startswith("tunelab: error: training diverged at step "), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    _, run = only_run(uri)
+    assert run.info.status == "FAILED" and "diverged" in run.data.tags["tunelab.failure"]
+    assert not (tmp_path / "run" / "objective.json").exists()  # no summary of a success
+
+
+def test_a_nan_gradient_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, dataset_cache):
+    common = [*FAST, "trainer.max_steps=30", "trainer.val_check_interval=10", "optim.total_steps=30", "export=false"]
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    result = run_train(common, run_dir, dataset_cache, uri, check=False, script="tests/poisoned_train.py",
+                       extra_env={"POISON_STEP": "14"})
+    assert result.returncode != 0
+    assert error_line(result).startswith("tunelab: error: training diverged at step 14: "), result.stderr[-2000:]
+    assert "grad norm=nan" in error_line(result)
+    _, run = only_run(uri)
+    assert run.info.status == "FAILED"
+
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == 10  # the validation at step 20 never ran with bad weights
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    resumed = run_train([*common, "ckpt_path=last"], run_dir, dataset_cache, uri)  # no poison now
+    assert "tunelab run summary" in resumed.stdout
+
+
+def test_skip_policy_skips_the_bad_step_and_finishes(tmp_path, dataset_cache):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_train([*FAST, "callbacks.divergence.action=skip", "export=false"], tmp_path / "run", dataset_cache, uri,
+                       script="tests/poisoned_train.py", extra_env={"POISON_STEP": "5"})
+    assert "tunelab run summary" in result.stdout
+    client, run = only_run(uri)
+    assert run.info.status == "FINISHED" and math.isfinite(run.data.metrics["val/loss"])
+    assert client.get_metric_history(run.info.run_id, "train/skipped_steps")[-1].value == 1
