@@ -40,9 +40,10 @@ class DivergenceGuard(pl.Callback):
     """Ends a run whose training loss or gradient norm turns non-finite (`action: stop`), or skips the optimizer step
     of each such batch (`action: skip`).
 
-    `stop` checks on the device every step and reads the verdict on the host only at logging steps and before each
-    validation: the run stops within trainer.log_every_n_steps steps of the first bad one, names that step and its
-    value, and never reaches the checkpoint written at validation with bad weights, so the last good one stays.
+    `stop` keeps each step's loss and grad norm on the device and reads them on the host only at logging steps and
+    before each validation: the run stops within trainer.log_every_n_steps steps of the first bad one, names that step
+    and its values, and never reaches the checkpoint written at validation with bad weights, so the last good one
+    stays.
     `skip` must decide before each optimizer step, which costs one host sync a step.
     """
 
@@ -51,16 +52,7 @@ class DivergenceGuard(pl.Callback):
             raise ValueError(f"callbacks.divergence.action={action} is not one of: stop, skip")
         self.action = action
         self.skipped = 0
-        self._first_bad = None  # on the device: (step, loss, grad norm) of the first non-finite step, step -1 if none
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._first_bad = torch.tensor([-1.0, 0.0, 0.0], device=pl_module.device)
-
-    def _record(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
-        first = (self._first_bad[0] < 0) & bad
-        candidate = torch.stack([torch.tensor(float(step), device=loss.device), loss.float(), grad_norm.float()])
-        self._first_bad = torch.where(first, candidate, self._first_bad)
+        self._unchecked: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (step, loss, grad norm) since the last check
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -83,21 +75,28 @@ class DivergenceGuard(pl.Callback):
             return
         loss = outputs["loss"].detach()
         step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step loggers put this batch's metrics at
-        self._record(step, loss, getattr(self, "_grad_norm", loss.new_zeros(())))
+        self._unchecked.append((step, loss, getattr(self, "_grad_norm", loss.new_zeros(()))))
         if logging_step:
             self.check()
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.training and self._first_bad is not None:
+        if trainer.training:
             self.check()
 
     def check(self) -> None:
-        step, loss, grad_norm = self._first_bad.tolist()  # the host read
-        if step >= 0:
+        """Raises TrainingDiverged naming the first non-finite step since the last check (one host read)."""
+        if not self._unchecked:
+            return
+        steps, losses, norms = zip(*self._unchecked)
+        self._unchecked = []
+        values = torch.stack([torch.stack(losses).float(), torch.stack(norms).float()]).cpu()
+        bad = (~torch.isfinite(values)).any(0).nonzero()
+        if len(bad):
+            first = int(bad[0])
             raise TrainingDiverged(
-                f"training diverged at step {int(step)}: train/loss={loss:g}, grad norm={grad_norm:g}; the last good "
-                "checkpoint is kept. Lower optim.lr, raise optim.warmup_steps or keep trainer.gradient_clip_val, or "
-                "set callbacks.divergence.action=skip to skip such steps")
+                f"training diverged at step {steps[first]}: train/loss={values[0, first]:g}, grad norm={values[1, first]:g}; "
+                "the last good checkpoint is kept. Lower optim.lr, raise optim.warmup_steps or keep "
+                "trainer.gradient_clip_val, or set callbacks.divergence.action=skip to skip such steps")
 
 
 class TokenThroughputMonitor(pl.Callback):
