@@ -32,6 +32,11 @@ class GradNormMonitor(pl.Callback):
             pl_module.log_dict(norms, on_step=True, on_epoch=False)
 
 
+def within_fit(trainer: pl.Trainer) -> bool:
+    """A validation that runs between training steps (trainer.training is False there), not the sanity check."""
+    return trainer.state.fn == "fit" and not trainer.sanity_checking
+
+
 class TrainingDiverged(RuntimeError):
     """The training loss or gradient norm turned NaN or infinite."""
 
@@ -80,7 +85,7 @@ class DivergenceGuard(pl.Callback):
             self.check()
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.training:
+        if within_fit(trainer):
             self.check()
 
     def check(self) -> None:
@@ -144,7 +149,7 @@ class TokenThroughputMonitor(pl.Callback):
                 pl_module.log("train/tokens_per_s", rate, prog_bar=True, on_step=True, on_epoch=False)
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.training:
+        if within_fit(trainer):
             self._close_window(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
