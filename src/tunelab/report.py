@@ -1,6 +1,7 @@
 """What a finished run tells its user: a short summary on the terminal, a loss-curve plot and objective.json."""
 
 import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -13,10 +14,13 @@ from tunelab.callbacks import ObjectiveTracker  # noqa: E402
 
 def plot_loss_curves(tracker: ObjectiveTracker, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
-    if tracker.train_loss:
-        steps, losses = zip(*tracker.train_loss)
+    # A diverged run's NaN/inf points stay off the plot (and off the log scale, which refuses them).
+    train = [(step, loss) for step, loss in tracker.train_loss if math.isfinite(loss) and loss > 0]
+    if train:
+        steps, losses = zip(*train)
         ax.plot(steps, losses, label="train/loss", alpha=0.6)
-    val = [(v["step"], v["val/loss"]) for v in tracker.validations if "val/loss" in v]
+    val = [(v["step"], v["val/loss"]) for v in tracker.validations
+           if "val/loss" in v and math.isfinite(v["val/loss"]) and v["val/loss"] > 0]
     if val:
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", label="val/loss")
@@ -29,7 +33,8 @@ def plot_loss_curves(tracker: ObjectiveTracker, path: Path) -> Path:
         acc.set_ylim(0, 1)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    ax.set_yscale("log")
+    if train or val:
+        ax.set_yscale("log")
     ax.legend(handles=handles, loc="upper center")
     ax.set_title("tunelab: loss curves")
     fig.tight_layout()
