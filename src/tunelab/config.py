@@ -91,7 +91,7 @@ def check_peft(cfg: DictConfig) -> None:
 
 
 def check_kernels(cfg: DictConfig) -> None:
-    from tunelab.kernels import COMPILES, FUSED_OPS, LOSSES, resolve_kernels
+    from tunelab.kernels import COMPILES, FUSED_OPS, LOSSES, liger_available, resolve_kernels
 
     kernels = cfg.kernels
     for key, choices in (("loss", LOSSES), ("compile", COMPILES), ("fused_ops", FUSED_OPS)):
@@ -107,7 +107,7 @@ def check_kernels(cfg: DictConfig) -> None:
     for key in ("loss", "fused_ops"):
         if chosen[key] != "liger":
             continue
-        if importlib.util.find_spec("liger_kernel") is None:
+        if not liger_available():
             raise ConfigError(f"kernels.{key}=liger needs the liger-kernel package: pip install liger-kernel")
         if not on_gpu:
             raise ConfigError(f"kernels.{key}=liger runs on CUDA GPUs only (Triton kernels): on CPU use "

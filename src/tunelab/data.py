@@ -211,12 +211,18 @@ class ResumableSampler(Sampler[int]):
         yield from mine[skip:]
 
 
+def resume_position(sampler: ResumableSampler | PackedBatchSampler, trainer: pl.Trainer, items_per_batch: int = 1):
+    """The sampler set to the trainer's current epoch, past the batches a restored checkpoint already trained on
+    (`items_per_batch`: what the sampler yields per batch, indices for ResumableSampler, whole batches for a batch
+    sampler)."""
+    sampler.set_epoch(trainer.current_epoch)
+    sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * items_per_batch
+    return sampler
+
+
 def resumable_sampler(trainer: pl.Trainer, num_samples: int, seed: int, batch_size: int) -> ResumableSampler:
     """This rank's sampler for the trainer's current epoch, past the batches a restored checkpoint already trained on."""
-    sampler = ResumableSampler(num_samples, seed, trainer.world_size, trainer.global_rank)
-    sampler.set_epoch(trainer.current_epoch)
-    sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * batch_size
-    return sampler
+    return resume_position(ResumableSampler(num_samples, seed, trainer.world_size, trainer.global_rank), trainer, batch_size)
 
 
 class InstructionDataModule(pl.LightningDataModule):
@@ -298,9 +304,8 @@ class InstructionDataModule(pl.LightningDataModule):
     def _packed_loader(self) -> DataLoader:
         trainer = self.trainer
         lengths = [len(ids) for ids in self.train["input_ids"]]
-        sampler = PackedBatchSampler(lengths, self.pack_tokens, self.seed, trainer.world_size, trainer.global_rank)
-        sampler.set_epoch(trainer.current_epoch)
-        sampler.skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        sampler = resume_position(
+            PackedBatchSampler(lengths, self.pack_tokens, self.seed, trainer.world_size, trainer.global_rank), trainer)
         return DataLoader(
             self.train.with_format(columns=["input_ids", "labels"]),
             batch_sampler=sampler,
