@@ -21,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
-FAILURE_ATTR = "failure"  # set on trials that failed on their own; killed and surplus trials do not count
+FAILURE_ATTR = "failure"  # set on trials that failed on their own; lost, interrupted and surplus trials do not count
 SURPLUS_ATTR = "surplus"
+WORKER_ATTR = "tunelab:worker"  # system attr: the sweep process running the trial (study_storage.this_worker)
 
 
 class SweepConfigError(ValueError):
@@ -100,7 +101,7 @@ class StudyLoop:
             raise SweepConfigError(f"the search space does not fit the config: {error}".splitlines()[0]) from error
 
     def run(self) -> None:
-        from tunelab.study_storage import open_storage, public_location
+        from tunelab.study_storage import open_storage, public_location, this_worker
         from tunelab.sweep_tracking import StudyRun
 
         s = self.sweeper
@@ -115,13 +116,13 @@ class StudyLoop:
                  len(self.counted()), self.n_trials)
         self.run_log = StudyRun.open(s.config, self.study, created, self.space, public_location(s.storage))
         self.heartbeat = Heartbeat(self.storage, s.heartbeat_interval)
+        self.worker = this_worker()
         self.in_flight: list = []
         status = "FAILED"
         try:
-            while trials := self.ask():
+            while trials := self.next_trials():
                 self.launch(trials)
                 self.check_failures()
-            self.wait_for_other_workers()
             summary = self.summary()
             self.report(summary)
             status = "FINISHED"
@@ -130,16 +131,46 @@ class StudyLoop:
             raise
         finally:
             self.heartbeat.stop()
-            for trial in self.in_flight:  # killed mid-trial: FAIL without FAILURE_ATTR, so a rerun does it again
+            for trial in list(self.in_flight):  # stopped mid-trial: FAIL without FAILURE_ATTR, queued to run again
                 self.tell_state(trial, self.optuna.trial.TrialState.FAIL)
+                self.queue_rerun(self.storage.get_trial(trial._trial_id))
             if self.run_log is not None:
                 self.run_log.finish(status)
 
+    def fail_lost_trials(self) -> None:
+        """Fails the running trials whose worker died: at once where it ran on this machine and its process is gone,
+        else once its heartbeat is older than grace_period (fail_stale_trials, which calls on_stale_trial)."""
+        from tunelab.study_storage import worker_is_gone
+
+        self.optuna.storages.fail_stale_trials(self.study)
+        TrialState = self.optuna.trial.TrialState
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            worker = trial.system_attrs.get(WORKER_ATTR)
+            if worker is None or not worker_is_gone(worker):
+                continue
+            try:
+                if not self.storage.set_trial_state_values(trial._trial_id, TrialState.FAIL):
+                    continue
+            except self.optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker of this machine failed it first
+            reason = f"its process {worker['pid']} on {worker['host']} is gone"
+            self.lost(self.storage.get_trial(trial._trial_id), reason)
+
     def on_stale_trial(self, study, trial) -> None:
-        log.warning("trial %d lost its worker (no heartbeat for %ds): failed, another trial takes its place",
-                    trial.number, self.sweeper.grace_period)
+        self.lost(trial, f"no heartbeat for {self.sweeper.grace_period}s")
+
+    def lost(self, trial, reason: str) -> None:
+        log.warning("trial %d lost its worker (%s): failed, a later trial re-runs its params", trial.number, reason)
         if self.run_log is not None:
             self.run_log.record_trial(trial)
+        self.queue_rerun(trial)
+
+    def queue_rerun(self, trial) -> None:
+        """Queues `trial`'s params for the next trial asked (by any worker), which takes its place in n_trials and
+        resumes from its last checkpoint (resume_overrides)."""
+        from tunelab.study_trial import REPLACES_ATTR
+
+        self.study.enqueue_trial(trial.params, user_attrs={REPLACES_ATTR: trial.number})
 
     def open_study(self):
         s, optuna = self.sweeper, self.optuna
@@ -154,12 +185,27 @@ class StudyLoop:
         return study, False
 
     def counted(self) -> list:
-        """The study's trials that use up n_trials: all but those killed with their worker and surplus asks."""
-        FAIL = self.optuna.trial.TrialState.FAIL
-        return [t for t in self.study.get_trials(deepcopy=False) if t.state != FAIL or FAILURE_ATTR in t.user_attrs]
+        """The study's trials that use up n_trials: all but those lost with their worker or interrupted, surplus asks,
+        and queued ones (waiting for the next ask, which runs them)."""
+        TrialState = self.optuna.trial.TrialState
+        return [t for t in self.study.get_trials(deepcopy=False) if t.state != TrialState.WAITING
+                and (t.state != TrialState.FAIL or FAILURE_ATTR in t.user_attrs)]
+
+    def next_trials(self) -> list:
+        """The trials to run next; none once the study is full and no other worker runs a trial. While other workers'
+        trials fill it, waits: one of them may turn out lost, and its place comes back."""
+        while not (trials := self.ask()) and (running := self.running_elsewhere()):
+            log.info("waiting for trials %s of other workers", running)
+            time.sleep(min(5, self.sweeper.heartbeat_interval))
+        return trials
+
+    def running_elsewhere(self) -> list[int]:
+        if not self.heartbeat.enabled:
+            return []  # without heartbeats a dead worker's trial would be waited for forever
+        return [t.number for t in self.counted() if t.state == self.optuna.trial.TrialState.RUNNING]
 
     def ask(self) -> list:
-        self.optuna.storages.fail_stale_trials(self.study)
+        self.fail_lost_trials()
         room = min(self.sweeper.n_jobs, self.n_trials - len(self.counted()))
         trials = []
         for _ in range(max(room, 0)):
@@ -174,7 +220,8 @@ class StudyLoop:
         study.sampler = self.sampler_for(len(study.get_trials(deepcopy=False)))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "heartbeat is supposed to be used with Study.optimize": we beat ourselves
-            trial = study.ask()
+            trial = study.ask()  # a queued trial first
+        self.storage.set_trial_system_attr(trial._trial_id, WORKER_ATTR, self.worker)
         self.heartbeat.add(trial)
         self.in_flight.append(trial)
         # Another worker may have asked for the last places at the same moment; the later trial gives way.
@@ -202,12 +249,29 @@ class StudyLoop:
         launcher = self.sweeper.launcher
         for batch in consecutive(trials):
             overrides = [
-                tuple(f"{k}={v}" for k, v in {**t.params, **self.fixed}.items()) + tuple(self.fixed_overrides)
+                tuple(f"{k}={v}" for k, v in {**t.params, **self.fixed, **self.resume_overrides(t)}.items())
+                + tuple(self.fixed_overrides)
                 for t in batch
             ]
             # The job number is the trial number: it names the job's dir and lets the job re-open its trial.
             for trial, result in zip(batch, launcher.launch(overrides, initial_job_idx=batch[0].number)):
                 self.tell(trial, result)
+
+    def resume_overrides(self, trial) -> dict:
+        """{ckpt_path: ...} for a trial that re-runs a lost one which left a last checkpoint this machine can read."""
+        from tunelab.study_storage import trial_id
+        from tunelab.study_trial import REPLACES_ATTR, RUN_DIR_ATTR
+
+        if (number := trial.user_attrs.get(REPLACES_ATTR)) is None:
+            return {}
+        lost = self.storage.get_trial(trial_id(self.storage, self.study.study_name, number))
+        if (run_dir := lost.user_attrs.get(RUN_DIR_ATTR)) is None:
+            return {}
+        checkpoint = Path(run_dir, "checkpoints", "last.ckpt")  # where the default callbacks keep it
+        if not checkpoint.exists():
+            return {}
+        log.info("trial %d re-runs trial %d from its checkpoint %s", trial.number, number, checkpoint)
+        return {"ckpt_path": "'" + str(checkpoint).replace("'", "\\'") + "'"}  # quoted: a path may hold = or ,
 
     def tell(self, trial, result) -> None:
         from tunelab.study_trial import PRUNED_ATTR
@@ -248,16 +312,6 @@ class StudyLoop:
                 f"{len(failures)} trials failed, more than hydra.sweeper.max_failure_rate="
                 f"{self.sweeper.max_failure_rate} of n_trials={self.n_trials} allows; last: "
                 f"{failures[-1].user_attrs[FAILURE_ATTR]}".splitlines()[0])
-
-    def wait_for_other_workers(self) -> None:
-        """Waits for the trials other workers still run, so the summary (and the parent run) covers all of them."""
-        RUNNING = self.optuna.trial.TrialState.RUNNING
-        if not self.heartbeat.enabled:
-            return  # without heartbeats a dead worker's trial would be waited for forever
-        while running := [t.number for t in self.counted() if t.state == RUNNING]:
-            log.info("waiting for trials %s of other workers", running)
-            time.sleep(min(5, self.sweeper.heartbeat_interval))
-            self.optuna.storages.fail_stale_trials(self.study)
 
     def summary(self) -> dict:
         from tunelab.study_storage import public_location

@@ -26,6 +26,8 @@ SWEEPER_TARGET = "tunelab.study_sweeper.StudySweeper"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 PRUNED_ATTR = "pruned_at_step"
+RUN_DIR_ATTR = "run_dir"
+REPLACES_ATTR = "replaces"  # on a trial that re-runs a lost or interrupted trial's params: that trial's number
 TRIAL_NUMBER_ENV = "TUNELAB_TRIAL_NUMBER"  # set by hydra/launcher=torchrun on the jobs it starts
 
 
@@ -74,6 +76,7 @@ def study_trial_callbacks(cfg: DictConfig, logger=None) -> list[pl.Callback]:
     if not is_trial or hydra.sweeper.get("_target_") != SWEEPER_TARGET:
         return []
     trial = open_trial(hydra.sweeper, hydra.job.num)
+    trial.set_user_attr(RUN_DIR_ATTR, str(cfg.paths.output_dir))  # where a re-run of this trial finds its checkpoint
     attach_run(trial, logger)
     return [StudyTrialCallback(trial, cfg.objective.metric)]
 

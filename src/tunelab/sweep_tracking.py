@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from tunelab.study_trial import PARENT_RUN_ATTR, PRUNED_ATTR, RUN_ATTR  # noqa: E402
+from tunelab.study_trial import PARENT_RUN_ATTR, PRUNED_ATTR, REPLACES_ATTR, RUN_ATTR  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,9 @@ class StudyRun:
         if "failure" in trial.user_attrs:
             tags["optuna.failure"] = trial.user_attrs["failure"][:4000]
         elif trial.state == TrialState.FAIL:
-            tags["optuna.failure"] = "interrupted: its sweep was stopped or lost (a rerun runs a trial in its place)"
+            tags["optuna.failure"] = "interrupted: its worker was stopped or lost; a later trial re-runs its params"
+        if REPLACES_ATTR in trial.user_attrs:
+            tags["optuna.replaces_trial"] = str(trial.user_attrs[REPLACES_ATTR])
         if PRUNED_ATTR in trial.user_attrs:
             tags["optuna.pruned_at_step"] = str(trial.user_attrs[PRUNED_ATTR])
         for key, value in tags.items():
