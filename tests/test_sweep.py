@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tests.conftest import ROOT, mlflow_runs, subprocess_env
+from tunelab.study_storage import process_stat, this_worker, worker_is_gone
 
 pytest_plugins = ["tests.services"]
 
@@ -78,37 +80,105 @@ def test_sweep_runs_trials_in_the_declared_space_and_nests_them_in_mlflow(tmp_pa
     assert artifacts == {f"plots/{name}.png" for name in ("optimization_history", "param_importances", "parallel_coordinate")}
 
 
-def test_killed_sweep_resumes_to_exactly_n_trials_without_overwriting(tmp_path, dataset_cache):
+def test_sweep_killed_mid_trial_reruns_that_trial_from_its_checkpoint_without_waiting(tmp_path, dataset_cache):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    # Trials long enough (seconds, not a fraction of one) that trial 2 is surely still training when killed.
-    args = ["hydra.sweeper.n_trials=4", "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2",
-            "trainer.max_steps=40", "trainer.val_check_interval=20"]
+    # The default callbacks, so trials write checkpoints (validation every 10 steps); the default 120 s grace period.
+    args = ["hydra.sweeper.n_trials=3", "callbacks=default", "callbacks.progress_bar=null", "trainer.max_steps=40",
+            "trainer.val_check_interval=10"]
     sweep = subprocess.Popen(sweep_command(storage, tmp_path / "multirun", *args), cwd=ROOT, start_new_session=True,
                              env=subprocess_env(tmp_path, dataset_cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "multirun" / "1" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
-    # Trials run one after the other, so trial 2's dir appearing means trials 0 and 1 are done.
-    while time.monotonic() < deadline and sweep.poll() is None and not (tmp_path / "multirun" / "2").exists():
+    while time.monotonic() < deadline and sweep.poll() is None and not checkpoint.exists():
         time.sleep(0.1)
     assert sweep.poll() is None, "the sweep ended before it could be killed"
     os.killpg(sweep.pid, signal.SIGKILL)
     sweep.wait()
+    killed = load_trials(tmp_path)[1]
+    assert killed.state == TrialState.RUNNING and 10 <= max(killed.intermediate_values) < 40  # mid-training
     first_run = {p: p.stat().st_mtime_ns for p in (tmp_path / "multirun").rglob("*") if p.is_file()}
-    time.sleep(2.5)  # past the grace period, so the killed trial is stale
 
-    run_sweep(tmp_path, dataset_cache, *args)
+    started = time.monotonic()
+    result = run_sweep(tmp_path, dataset_cache, *args)
 
+    assert time.monotonic() - started < 120, "the rerun waited for the killed trial's heartbeat to lapse"
+    assert f"trial 1 lost its worker (its process {killed.system_attrs['tunelab:worker']['pid']}" in result.stdout
     trials = load_trials(tmp_path)
-    numbers = [t.number for t in trials]
-    assert len(numbers) == len(set(numbers)) == 5
-    killed = trials[2]
-    assert killed.state == TrialState.FAIL and "failure" not in killed.user_attrs
-    assert [t.state for t in trials if t.number != 2] == [TrialState.COMPLETE] * 4
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    lost, rerun = trials[1], trials[2]
+    assert "failure" not in lost.user_attrs
+    assert rerun.params == lost.params and rerun.user_attrs["replaces"] == 1
+    # Resumed from the killed trial's checkpoint (step 10 or later), not trained again from step 0.
+    assert min(rerun.intermediate_values) > 10 and max(rerun.intermediate_values) == 40
     assert all(p.stat().st_mtime_ns == mtime for p, mtime in first_run.items())
-    assert {p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir()} == {"0", "1", "2", "3", "4"}
+    assert {p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir()} == {"0", "1", "2", "3"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parents, children = mlflow_runs(uri)
+    assert len(parents) == 1 and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    by_number = {c.data.tags["optuna.trial_number"]: c for c in children}
+    assert by_number["1"].info.status == "FAILED" and by_number["1"].data.tags["optuna.trial_state"] == "FAIL"
+    assert by_number["2"].data.tags["optuna.replaces_trial"] == "1" and by_number["2"].info.status == "FINISHED"
+    assert_nothing_running(uri)
+
+
+@pytest.mark.filterwarnings("ignore:Argument ``heartbeat_interval``", "ignore:Heartbeat of storage")
+def test_trial_lost_on_another_machine_is_rerun_once_its_heartbeat_lapses(tmp_path, dataset_cache):
+    """A worker cannot look at another machine's processes: it waits out the grace period, then runs the trial again."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    storage = optuna.storages.RDBStorage(url, heartbeat_interval=1, grace_period=3)
+    study = optuna.create_study(study_name="test", storage=storage)
+    elsewhere = study.ask()  # the trial of a worker on another machine, whose pid means nothing here
+    elsewhere.suggest_float("optim.lr", 1e-4, 3e-2, log=True)
+    elsewhere.suggest_categorical("peft.r", [4, 8, 16, 32])
+    elsewhere.suggest_float("optim.warmup_ratio", 0.0, 0.2)
+    with subprocess.Popen(["true"]) as ended:
+        pass  # its pid is free here, where a worker would count as gone at once
+    storage.set_trial_system_attr(elsewhere._trial_id, "tunelab:worker", {"host": "another-machine", "pid": ended.pid})
+    command = sweep_command(url, tmp_path / "multirun", "hydra.sweeper.n_trials=2",
+                            "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=3")
+    died = threading.Event()
+
+    def beat_until_died():
+        while not died.wait(0.5):
+            storage.record_heartbeat(elsewhere._trial_id)
+
+    storage.record_heartbeat(elsewhere._trial_id)
+    threading.Thread(target=beat_until_died, daemon=True).start()
+    sweep = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(tmp_path, dataset_cache), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    # The other machine's worker beats until this one has run its own trial and waits for trial 0; then it dies.
+    output = ""
+    for line in sweep.stdout:
+        output += line
+        if "waiting for trials [0] of other workers" in line:
+            break
+    died.set()
+    output += sweep.communicate(timeout=300)[0]
+    assert sweep.returncode == 0, output[-3000:]
+
+    assert "trial 0 lost its worker (no heartbeat for 3s)" in output
+    trials = load_trials(tmp_path)
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[2].params == trials[0].params and trials[2].user_attrs["replaces"] == 0
     parents, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert len(parents) == 1 and len(children) == 5
-    assert {c.data.tags["optuna.trial_number"]: c.info.status for c in children}["2"] == "FAILED"
+    assert len(parents) == 1 and len(children) == 3
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert_nothing_running(f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+
+def test_worker_is_gone_only_when_its_process_on_this_machine_has_ended():
+    alive = this_worker()
+    assert not worker_is_gone(alive)
+    assert worker_is_gone({**alive, "started": alive["started"] - 1})  # its pid now belongs to a later process
+    assert not worker_is_gone({**alive, "host": "another-machine"})
+    with subprocess.Popen(["sleep", "30"]) as child:
+        record = {**alive, "pid": child.pid, "started": process_stat(child.pid)[1]}
+        assert not worker_is_gone(record)
+        child.kill()
+        time.sleep(0.2)
+        assert worker_is_gone(record)  # a zombie: dead, not yet reaped
+    assert worker_is_gone(record)
 
 
 def test_trials_that_raise_or_go_nan_fail_and_the_sweep_goes_on(tmp_path, dataset_cache):
