@@ -14,9 +14,10 @@ from tunelab.callbacks import ObjectiveTracker, TrainingDiverged, build_callback
 from tunelab.checkpoint import gather_fsdp_weights, resolve_ckpt_path
 from tunelab.config import ConfigError, validate_config
 from tunelab.data import build_datamodule
+from tunelab.inputs import check_inputs, load_tokenizer
 from tunelab.kernels import apply_kernels, build_loss, resolve_kernels
 from tunelab.logger import build_logger, log_run_config, logger_callbacks, mark_failed
-from tunelab.model import build_model, build_tokenizer, count_parameters
+from tunelab.model import build_model, count_parameters
 from tunelab.module import CausalLMModule
 from tunelab.peft import apply_peft, base_quantization
 from tunelab.report import finish_run
@@ -32,13 +33,14 @@ def main(cfg: DictConfig) -> float:
     try:
         validate_config(cfg)
         ckpt_path = resolve_ckpt_path(cfg)
+        tokenizer = load_tokenizer(cfg.model)
+        check_inputs(cfg, tokenizer)  # data rows, model architecture, LoRA targets: before any weights or MLflow run
     except ConfigError as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed and goes on
         sys.exit(f"tunelab: error: {error}")
 
     pl.seed_everything(cfg.seed, workers=True)
-    tokenizer = build_tokenizer(cfg.model)
     datamodule = build_datamodule(cfg.data, tokenizer)
     on_gpu = runs_on_gpu(cfg.strategy, cfg.trainer)
     model = build_model(cfg.model, cfg.precision, tokenizer, base_quantization(cfg.peft), packed=cfg.data.get("packing", False),

@@ -23,10 +23,15 @@ IGNORE_INDEX = -100
 TOKENIZATION_VERSION = 1
 
 
+def tiny_task_file(cache_dir: str, num_examples: int, seed: int) -> Path:
+    """The embedded task's rows as a JSON-lines file, written once per (size, seed) under the cache."""
+    return write_tiny_task(Path(cache_dir) / "tiny_task", num_examples, seed)
+
+
 def load_rows(source: str, path: str | None, split: str, num_examples: int | None, cache_dir: str, seed: int) -> Dataset:
     datasets_cache = str(Path(cache_dir) / "datasets")
     if source == "tiny":
-        path = str(write_tiny_task(Path(cache_dir) / "tiny_task", num_examples, seed))
+        path = str(tiny_task_file(cache_dir, num_examples, seed))
         source = "jsonl"
     if source == "jsonl":
         rows = load_dataset("json", data_files=path, split="train", cache_dir=datasets_cache)
