@@ -54,8 +54,7 @@ def resolve_kernels(cfg: DictConfig) -> dict[str, str]:
     else:
         fused_ops = "native" if compile_layers == "layers" else "liger" if liger else "none"
     loss = kernels.loss if kernels.loss != "auto" else ("liger" if liger else "chunked") if on_gpu else "plain"
-    return {"loss": loss, "compile": compile_layers, "fused_ops": fused_ops,
-            "cudnn_attention": bool(kernels.get("cudnn_attention", False))}
+    return {"loss": loss, "compile": compile_layers, "fused_ops": fused_ops}
 
 
 # ── the loss ──────────────────────────────────────────────────────────────────────────────────────────────────────
@@ -242,14 +241,8 @@ def apply_fused_ops(model: nn.Module, kind: str) -> int:
     return patched
 
 
-def apply_kernels(model: nn.Module, choice: dict, compile_mode: str | None = None) -> nn.Module:
-    """The model with the fused ops and compiled layers `resolve_kernels` chose, in place (its state_dict keys are
-    unchanged), and scaled_dot_product_attention's cuDNN backend on or off for this process.
-
-    cuDNN's attention backward (the backend torch 2.11 picks first for bf16 on H100) returned a NaN gradient from
-    finite inputs on one rank of a 4-GPU DDP LoRA run, as in pytorch/pytorch#196678: torch.autograd's anomaly mode
-    named ScaledDotProductCudnnAttentionBackward0 (BENCHMARKS.md, issue 12). Flash attention takes its place."""
-    torch.backends.cuda.enable_cudnn_sdp(choice.get("cudnn_attention", False))
+def apply_kernels(model: nn.Module, choice: dict[str, str], compile_mode: str | None = None) -> nn.Module:
+    """The model with the fused ops and compiled layers `resolve_kernels` chose, in place (its state_dict keys are unchanged)."""
     if choice["fused_ops"] != "none":
         log.info("kernels: %s fused ops on %d modules of this model", choice["fused_ops"], apply_fused_ops(model, choice["fused_ops"]))
     if choice["compile"] == "layers":

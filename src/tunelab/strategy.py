@@ -9,7 +9,7 @@ import os
 
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import Strategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.fsdp.wrap import CustomPolicy
 
@@ -43,6 +43,21 @@ def build_device(cfg: DictConfig, on_gpu: bool) -> torch.device | None:
     if not on_gpu or sharded:
         return None
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+class SameStreamDDPStrategy(DDPStrategy):
+    """Lightning's DDPStrategy, with DistributedDataParallel built on the stream the training steps run on.
+
+    Lightning builds it inside a fresh side stream. DDP makes each parameter's AccumulateGrad node there and keeps
+    it, and torch (2.11) then accumulates each gradient on that side stream while the backward pass produces it on
+    the default one, warning that "the AccumulateGrad node's stream does not match". On 4 H100s a LoRA run's
+    gradient bucket held NaN on one rank at step 11 although no backward op had returned one (anomaly mode named
+    none) and every loss was finite; built on the default stream the same run stays finite (BENCHMARKS.md, issue 12).
+    """
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
+        return torch.nn.parallel.DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(),
+                                                         **self._ddp_kwargs)
 
 
 def is_known_strategy(cfg: DictConfig) -> bool:
@@ -101,5 +116,5 @@ def build_strategy(cfg: DictConfig, model: torch.nn.Module | None = None) -> Str
         if checkpointing:
             from_model["activation_checkpointing_policy"] = layers
     # Classes are no config values: bind the YAML arguments first, then add the policies as plain objects.
-    partial = instantiate(arguments, _partial_=True, _convert_="all", _execution_whitelist_=["lightning.pytorch.strategies.*"])
+    partial = instantiate(arguments, _partial_=True, _convert_="all", _execution_whitelist_=["lightning.pytorch.strategies.*", "tunelab.strategy.*"])
     return partial(**from_model)
