@@ -13,6 +13,7 @@ from lightning.pytorch.strategies.launchers.subprocess_script import _Subprocess
 from torch import nn
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.checkpoint import AtomicCheckpointIO, stage_directory_checkpoints
 from tunelab.strategy import build_strategy, strategy_accelerator, strategy_devices
 
 log = logging.getLogger("tunelab")
@@ -30,6 +31,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger 
         devices=strategy_devices(cfg.strategy, cfg.trainer),
         strategy=build_strategy(cfg.strategy, model),
         precision=cfg.precision.value,
+        plugins=[AtomicCheckpointIO()],  # every checkpoint file whole or absent, whatever kills the run
         callbacks=callbacks,
         logger=logger if logger is not None else False,
         # tunelab's ResumableSampler already splits the data across ranks.
@@ -37,7 +39,9 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger 
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
     )
     kwargs["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)
-    return pl.Trainer(**kwargs)
+    trainer = pl.Trainer(**kwargs)
+    stage_directory_checkpoints(trainer.strategy)  # sharded FSDP and DeepSpeed write directories past the CheckpointIO
+    return trainer
 
 
 def effective_batch_size(trainer: pl.Trainer, per_device_batch_size: int) -> int:
