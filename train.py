@@ -16,10 +16,11 @@ from tunelab.config import ConfigError, validate_config
 from tunelab.data import build_datamodule
 from tunelab.inputs import check_inputs, load_tokenizer
 from tunelab.kernels import apply_kernels, build_loss, resolve_kernels
-from tunelab.logger import build_logger, log_run_config, logger_callbacks, mark_failed
+from tunelab.logger import build_logger, log_run_config, logger_callbacks, mark_failed, mark_preempted
 from tunelab.model import build_model, count_parameters
 from tunelab.module import CausalLMModule
 from tunelab.peft import apply_peft, base_quantization
+from tunelab.preemption import Preempted, requeue_slurm_job
 from tunelab.report import finish_run
 from tunelab.strategy import build_device, runs_on_gpu
 from tunelab.study_trial import study_trial_callbacks
@@ -64,6 +65,10 @@ def main(cfg: DictConfig) -> float:
         weights = gather_fsdp_weights(trainer.strategy.model) if cfg.export else None  # on every rank: each sends its shard
         if trainer.is_global_zero:
             finish_run(cfg, trainer, tracker, model, tokenizer, Path(cfg.paths.output_dir), weights)
+    except Preempted as preempted:  # exits 75 with last.ckpt saved; the same command in this run dir continues
+        mark_preempted(logger, preempted)
+        requeue_slurm_job(preempted)
+        raise
     except TrainingDiverged as error:
         mark_failed(logger)
         stop_every_rank(trainer)

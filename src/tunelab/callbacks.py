@@ -88,6 +88,9 @@ class DivergenceGuard(pl.Callback):
         if within_fit(trainer):
             self.check()
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.check()  # a checkpoint saved between logging steps (a preempted run's) never holds unchecked steps
+
     def check(self) -> None:
         """Raises TrainingDiverged naming the first non-finite step since the last check (one host read)."""
         if not self._unchecked:
@@ -209,6 +212,14 @@ class ObjectiveTracker(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.validations.append({"step": trainer.global_step, **metrics})
 
+    def state_dict(self) -> dict:
+        return {"validations": self.validations, "train_loss": self.train_loss}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A resumed run's objective and loss curves cover the steps before the checkpoint too."""
+        self.validations = list(state_dict["validations"])
+        self.train_loss = [tuple(point) for point in state_dict["train_loss"]]
+
     @property
     def best(self) -> float:
         values = [v[self.metric] for v in self.validations if self.metric in v and math.isfinite(v[self.metric])]
@@ -218,5 +229,5 @@ class ObjectiveTracker(pl.Callback):
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    allowed = ["lightning.pytorch.callbacks.*", "tunelab.callbacks.*"]
+    allowed = ["lightning.pytorch.callbacks.*", "tunelab.callbacks.*", "tunelab.preemption.*"]
     return [instantiate(spec, _execution_whitelist_=allowed) for spec in (cfg or {}).values() if spec is not None]

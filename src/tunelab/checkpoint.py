@@ -16,15 +16,19 @@ from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import ConfigError
+from tunelab.preemption import was_preempted
 
 STAGING, REPLACED = ".tmp-", ".old-"  # suffixes of a checkpoint being written, and of the one it replaces
 
 
 def resolve_ckpt_path(cfg: DictConfig) -> str | None:
-    """`last`: this run dir's last.ckpt if it has one (a re-run sweep trial), else the newest under outputs/."""
-    if cfg.ckpt_path != "last":
+    """`last`: this run dir's last.ckpt if it has one (a re-run sweep trial), else the newest under outputs/.
+    None (the default) also resumes this run dir's last.ckpt where the run in it was preempted: a re-run continues it."""
+    if cfg.ckpt_path not in ("last", None):
         return cfg.ckpt_path
     own = last_checkpoint(Path(cfg.paths.output_dir) / "checkpoints")
+    if cfg.ckpt_path is None:
+        return str(own) if own and was_preempted(cfg.paths.output_dir) else None
     if own:
         return str(own)
     candidates = sorted(Path(cfg.paths.root, "outputs").glob("**/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)

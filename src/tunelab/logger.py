@@ -12,6 +12,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.preemption import Preempted, read_record
+
 SECRET_MARKERS = ("token", "password", "secret", "api_key")
 
 
@@ -25,7 +27,16 @@ def build_logger(cfg: DictConfig) -> Logger | None:
         if not spec["tracking_uri"].startswith(("sqlite:", "file:")) and "://" in spec["tracking_uri"]:
             spec.pop("artifact_location", None)  # a tracking server decides where artifacts go
         spec["tags"] = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **git_tags(cfg.paths.root)}
+        spec["run_id"] = reopen_preempted_run(spec["tracking_uri"], cfg.paths.output_dir)
     return instantiate(spec, _execution_whitelist_=["lightning.pytorch.loggers.*"])
+
+
+def reopen_preempted_run(tracking_uri: str, run_dir: str) -> str | None:
+    """The MLflow run of a run dir whose run was preempted, RUNNING again: its continuation logs into it."""
+    run_id = (read_record(run_dir) or {}).get("logger_run_id")
+    if run_id:
+        MlflowClient(tracking_uri).update_run(run_id, status="RUNNING")
+    return run_id
 
 
 def git_tags(root: str) -> dict[str, str]:
@@ -77,6 +88,14 @@ def mark_failed(logger: Logger | None) -> None:
         end_run_failed(logger._tracking_uri, logger.run_id)
 
 
+def mark_preempted(logger: Logger | None, preempted: Preempted) -> None:
+    """Ends the MLflow run KILLED, with tag tunelab.preempted (signal and step); its continuation reopens it."""
+    if isinstance(logger, MLFlowLogger) and logger._run_id is not None:
+        client = MlflowClient(logger._tracking_uri)
+        client.set_tag(logger.run_id, "tunelab.preempted", str(preempted))
+        client.set_terminated(logger.run_id, "KILLED")
+
+
 def end_run_failed(tracking_uri: str, run_id: str, reason: str | None = None) -> None:
     client = MlflowClient(tracking_uri)
     if client.get_run(run_id).info.status == "RUNNING":
@@ -99,7 +118,7 @@ class FailedRunMarker(pl.Callback):
         self.run_id = trainer.strategy.broadcast(own)  # every rank takes part
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if self.run_id is not None:
+        if self.run_id is not None and not isinstance(exception, Preempted):
             end_run_failed(self.tracking_uri, self.run_id, reason=f"{type(exception).__name__}: {exception}")
 
 
