@@ -58,3 +58,14 @@ def test_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, dataset_cach
     for step, lr in lrs.items():
         assert lr == pytest.approx(0.002 * expected(step)), step
     assert lrs[0] == pytest.approx(0.002 / 4) and lrs[3] == pytest.approx(0.002) and lrs[11] == pytest.approx(0.0002)
+
+
+@pytest.mark.parametrize("model, peft, lr", [
+    ("tiny", "none", 3e-3), ("tiny", "lora", 3e-3),
+    ("llama1b", "none", 2e-5), ("llama1b", "lora", 2e-4), ("llama8b", "qlora", 1e-4), ("qwen2_5_7b", "none", 1e-5),
+])
+def test_default_learning_rate_is_the_one_the_model_recommends_for_full_or_adapter_tuning(tmp_path, model, peft, lr):
+    # Issue 12: llama1b took the tiny model's 3e-3 and a full fine-tune went NaN within 40 steps.
+    cfg = compose_config([f"model={model}", f"peft={peft}"], tmp_path, tmp_path)
+    assert cfg.optim.lr == pytest.approx(lr)
+    assert compose_config([f"model={model}", f"peft={peft}", "optim.lr=0.5"], tmp_path, tmp_path).optim.lr == 0.5

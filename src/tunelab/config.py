@@ -10,9 +10,11 @@ import json
 import logging
 import operator
 import os
+import socket
 import zipfile
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -115,6 +117,8 @@ FIELDS: dict[str, Rule | OneOf | ListOf] = {
     "model.gradient_checkpointing": Rule(bool),
     "model.trust_remote_code": Rule(bool),
     "model.config": Rule(dict, null=True),
+    "model.recommended_lr.full": Rule(float, "> 0"),
+    "model.recommended_lr.adapter": Rule(float, "> 0"),
 
     "data.source": OneOf("tiny", "hub", "jsonl", "random_tokens"),
     "data.path": Rule(str, null=True),
@@ -195,7 +199,7 @@ ABSENT = object()
 
 def validate_config(cfg: DictConfig) -> None:
     for check in (check_resolves, check_fields, check_model, check_data, check_peft, check_kernels, check_optim,
-                  check_trainer, check_fsdp_adapters, check_placement, check_run):
+                  check_trainer, check_fsdp_adapters, check_placement, check_run, check_tracking_server):
         check(cfg)
     for warning in precision_warnings(cfg.precision, cfg.model):
         log.warning(warning)
@@ -403,3 +407,28 @@ def check_run(cfg: DictConfig) -> None:
             raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint (or use ckpt_path=last)")
         if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes zip archives; sharded ones are dirs
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a PyTorch checkpoint (truncated or another kind of file)")
+
+
+def without_credentials(uri: str) -> str:
+    parts = urlsplit(uri)
+    host = parts.hostname or ""
+    return parts._replace(netloc=f"{host}:{parts.port}" if parts.port else host).geturl()
+
+
+def check_tracking_server(cfg: DictConfig) -> None:
+    """An MLflow tracking server must answer before anything loads: MLflow's client would otherwise retry each request
+    with back-off for minutes, after the model had loaded. Only a connection is tried (seconds at most)."""
+    logger = cfg.get("logger")
+    if not logger or not str(logger.get("_target_", "")).endswith("MLFlowLogger"):
+        return
+    uri = str(logger.tracking_uri)
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return  # a local store (sqlite:, file:) or a managed one (databricks) that MLflow reaches its own way
+    try:
+        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout=5):
+            pass
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise ConfigError(f"the MLflow tracking server at {without_credentials(uri)} does not answer ({reason}): start it "
+                          "(make ui, or mlflow server), point MLFLOW_TRACKING_URI at one that runs, or use logger=csv") from error

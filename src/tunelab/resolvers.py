@@ -1,0 +1,19 @@
+"""Config interpolations of tunelab's own, registered as the package is imported (before Hydra resolves a config).
+
+`${tunelab.recommended_lr:${oc.select:model.recommended_lr,null},${peft}}` is the default of `optim.lr`: the learning
+rate the model option recommends for a full fine-tune (`full`) or for adapters (`adapter`, LoRA and QLoRA). Full
+fine-tunes of 1B+ models diverge at the embedded tiny model's rate (3e-3), and adapters want about 10x the full rate.
+"""
+
+from omegaconf import OmegaConf
+
+# For a model option that names no recommended_lr: the common choices for 1B-8B decoder models.
+GENERIC_LR = {"full": 2.0e-5, "adapter": 2.0e-4}
+
+
+def recommended_lr(rates, peft) -> float:
+    kind = "adapter" if peft else "full"
+    return float((rates or GENERIC_LR).get(kind, GENERIC_LR[kind]))
+
+
+OmegaConf.register_resolver("tunelab.recommended_lr", recommended_lr, replace=True)
