@@ -6,6 +6,8 @@ LoRA targets). Most cases call those two in-process; a representative set runs t
 """
 
 import json
+import socket
+import time
 
 import mlflow
 import pytest
@@ -137,6 +139,21 @@ def test_bad_input_ends_train_py_with_one_line(tmp_path, dataset_cache, args, fi
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "export").exists()
     assert not (tmp_path / "mlflow.db").exists() or not mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_experiments(filter_string="name = 'tunelab'")
+
+
+def test_unreachable_tracking_server_fails_in_seconds_naming_it_without_credentials(tmp_path, dataset_cache):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed once the block ends
+    started = time.monotonic()
+    result = run_train(FAST, tmp_path / "run", dataset_cache, tracking_uri=f"http://alice:s3cret@127.0.0.1:{port}",
+                       check=False, timeout=120)
+    assert result.returncode != 0
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"tunelab: error: the MLflow tracking server at http://127.0.0.1:{port} does not answer"), line
+    assert "s3cret" not in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert "parameters:" not in result.stdout + result.stderr  # refused before the model was built
+    assert time.monotonic() - started < 60  # train.py's imports; MLflow's own retries would take minutes
 
 
 def test_failure_during_training_ends_the_mlflow_run_failed(tmp_path, dataset_cache):
