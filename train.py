@@ -10,10 +10,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from tunelab.callbacks import ObjectiveTracker, TrainingDiverged, build_callbacks
+from tunelab.callbacks import ObjectiveTracker, build_callbacks
 from tunelab.checkpoint import gather_fsdp_weights, resolve_ckpt_path
 from tunelab.config import ConfigError, validate_config
 from tunelab.data import build_datamodule
+from tunelab.failures import explain_failure
 from tunelab.inputs import check_inputs, load_tokenizer
 from tunelab.kernels import apply_kernels, build_loss, resolve_kernels
 from tunelab.logger import build_logger, log_run_config, logger_callbacks, mark_failed, mark_preempted
@@ -69,16 +70,13 @@ def main(cfg: DictConfig) -> float:
         mark_preempted(logger, preempted)
         requeue_slurm_job(preempted)
         raise
-    except TrainingDiverged as error:
+    except BaseException as error:
         mark_failed(logger)
-        stop_every_rank(trainer)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # the sweeper records the trial as failed and goes on
-        sys.exit(f"tunelab: error: {error}")
-    except BaseException:
-        mark_failed(logger)
-        stop_every_rank(trainer)
-        raise
+        explained = explain_failure(error, cfg, trainer)  # divergence, out of GPU memory: one line, no traceback
+        stop_every_rank(trainer, explained)
+        if explained is None or HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # a sweep records the trial as failed and goes on
+        sys.exit(f"tunelab: error: {explained}")
     return tracker.best
 
 

@@ -1,5 +1,6 @@
 """A run that goes non-finite never reports success: it stops with one line naming the step, ends FAILED in MLflow
-with the reason, and keeps its last good checkpoint resumable; or, asked to, skips the bad steps and goes on."""
+with the reason, and keeps its last good checkpoint resumable; or, asked to, skips the bad steps and goes on. A run
+that runs out of GPU memory ends the same way, its line naming what to lower or switch on."""
 
 import math
 
@@ -60,3 +61,29 @@ def test_skip_policy_skips_the_bad_step_and_finishes(tmp_path, dataset_cache):
     client, run = only_run(uri)
     assert run.info.status == "FINISHED" and math.isfinite(run.data.metrics["val/loss"])
     assert client.get_metric_history(run.info.run_id, "train/skipped_steps")[-1].value == 1
+
+
+def test_out_of_gpu_memory_ends_with_one_line_naming_what_to_lower(tmp_path, dataset_cache):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_train([*FAST, "export=false"], tmp_path / "run", dataset_cache, uri, check=False,
+                       script="tests/poisoned_train.py", extra_env={"OOM_STEP": "3"})
+    assert result.returncode != 0
+    line = error_line(result)
+    assert line.startswith("tunelab: error: out of GPU memory at step 3: lower data.batch_size (now 32;"), result.stderr[-2000:]
+    assert "data.max_length (now 48)" in line and "model.gradient_checkpointing=true" in line and "peft=lora" in line
+    assert "Traceback" not in result.stderr
+    _, run = only_run(uri)
+    assert run.info.status == "FAILED" and "OutOfMemoryError" in run.data.tags["tunelab.failure"]
+
+
+def test_divergence_in_a_multi_process_run_ends_every_rank_with_the_line_and_no_traceback(tmp_path, dataset_cache):
+    # Seen on 4 H100s: each rank stopped at the NaN, but with a traceback, rank 0's stop logging the exception.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_train([*FAST, "strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "export=false",
+                        "trainer.log_every_n_steps=2"], tmp_path / "run", dataset_cache, uri, check=False,
+                       script="tests/poisoned_train.py", extra_env={"POISON_STEP": "3"})
+    assert result.returncode != 0
+    assert "tunelab: error: training diverged at step 3: " in result.stderr and "Traceback" not in result.stderr, \
+        result.stderr[-3000:]
+    _, run = only_run(uri)
+    assert run.info.status == "FAILED"

@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import sys
 
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
@@ -49,15 +50,19 @@ def effective_batch_size(trainer: pl.Trainer, per_device_batch_size: int) -> int
     return per_device_batch_size * trainer.world_size * trainer.accumulate_grad_batches
 
 
-def stop_every_rank(trainer: pl.Trainer) -> None:
+def stop_every_rank(trainer: pl.Trainer, explained: str | None = None) -> None:
     """After an error on one rank of a multi-process run, end every rank now, with exit code 1. Left alone, the
     others wait in their next NCCL collective until its timeout (30 minutes), and this process's exit waits on them.
-    A rank Lightning started is ended by rank 0's launcher watching it exit; torchrun ends the others itself."""
+    A rank Lightning started is ended by rank 0's launcher watching it exit; torchrun ends the others itself.
+    `explained`: the error's one line (tunelab.failures), printed instead of its traceback."""
     if trainer.world_size == 1 or HydraConfig.get().mode == RunMode.MULTIRUN:  # a sweep goes on to its next trial
         return
     launcher = trainer.strategy.launcher
     if isinstance(launcher, _SubprocessScriptLauncher):  # rank 0 of a run that started the other ranks itself
         launcher.kill(signal.SIGKILL)
-    log.exception("rank %d failed; every rank of the run is stopped", trainer.global_rank)
+    if explained is None:
+        log.exception("rank %d failed; every rank of the run is stopped", trainer.global_rank)
+    else:
+        print(f"tunelab: error: {explained}", file=sys.stderr, flush=True)
     logging.shutdown()
     os._exit(1)
