@@ -125,9 +125,10 @@ def test_one_gpu_trials_run_side_by_side_on_disjoint_gpus(tmp_path, dataset_cach
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 CUDA GPUs")
+@pytest.mark.xfail(reason="issue 12, open: rank 3's gradient turns NaN at step 11 from finite losses (BENCHMARKS.md)")
 def test_ddp_lora_on_four_gpus_stays_finite_and_follows_one_gpu(tmp_path, dataset_cache):
-    # Issue 12: on 4 H100s this run's gradient turned NaN at step 11 on one rank while every loss was finite, with DDP
-    # built on a side CUDA stream (tunelab.strategy.SameStreamDDPStrategy). One GPU with the same settings stayed finite.
+    # Issue 12: on 4 H100s this run's gradient turned NaN at step 11 on one rank while every loss was finite, whatever
+    # the kernels, cuDNN attention or DDP's stream; one GPU with the same settings stayed finite.
     common = ["model=llama1b", "model.init=random", "model.tokenizer=char", "data=random_tokens", "precision=bf16_true",
               "peft=lora", "logger=csv", "callbacks.early_stopping=null", "callbacks.progress_bar=null",
               "callbacks.model_checkpoint=null", "export=false", "trainer.max_steps=30", "trainer.val_check_interval=30",

@@ -48,11 +48,10 @@ def build_device(cfg: DictConfig, on_gpu: bool) -> torch.device | None:
 class SameStreamDDPStrategy(DDPStrategy):
     """Lightning's DDPStrategy, with DistributedDataParallel built on the stream the training steps run on.
 
-    Lightning builds it inside a fresh side stream. DDP makes each parameter's AccumulateGrad node there and keeps
-    it, and torch (2.11) then accumulates each gradient on that side stream while the backward pass produces it on
-    the default one, warning that "the AccumulateGrad node's stream does not match". On 4 H100s a LoRA run's
-    gradient bucket held NaN on one rank at step 11 although no backward op had returned one (anomaly mode named
-    none) and every loss was finite; built on the default stream the same run stays finite (BENCHMARKS.md, issue 12).
+    Lightning builds it inside a fresh side stream. DDP makes each parameter's AccumulateGrad node there and keeps it,
+    and torch 2.11 then accumulates every gradient on that side stream while the backward pass produces it on the
+    default one: it warns each step that "the AccumulateGrad node's stream does not match", which costs
+    synchronization and keeps CUDA graphs out. Built here, the warning is gone (4 H100s, BENCHMARKS.md issue 12).
     """
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
