@@ -3,9 +3,11 @@
 Each rank appends one JSON line per training step to $PROBE_DIR/rank<R>.jsonl: its own loss, the norm and finiteness
 of its own gradient buckets before DDP's all-reduce (through a comm hook) and of the reduced gradients after it, a
 checksum of the trainable weights (equal on every rank unless the replicas drift apart), and with PROBE_ACTIVATIONS=1
-the largest |activation| out of each decoder layer. PROBE_ANOMALY=1 turns on torch.autograd's anomaly mode, which
-stops the run at the first backward op that returns NaN and names it. Host syncs every step: a diagnostic, not a
-benchmark.
+the largest |activation| out of each decoder layer. PROBE_DUMP_STEP=N saves each rank's batch and trainable weights
+as that step starts (rank<R>_step<N>.pt), to replay one rank's step on one GPU. For anomaly mode pass
+`+trainer.detect_anomaly=true`: Lightning runs fit inside set_detect_anomaly(trainer.detect_anomaly), which turns
+off a mode switched on outside it (as this script once did, finding nothing). Host syncs every step: a diagnostic,
+not a benchmark.
 
     python benchmarks/ddp_probe_train.py <train.py overrides>
 """
@@ -62,6 +64,13 @@ class RankProbe(pl.Callback):
         work = dist.all_reduce(buffer.div_(dist.get_world_size()), async_op=True)
         return work.get_future().then(lambda future: future.value()[0])
 
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if str(trainer.global_step) == os.environ.get("PROBE_DUMP_STEP"):
+            trainable = {n: p.detach().cpu() for n, p in pl_module.named_parameters() if p.requires_grad}
+            torch.save({"batch": {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
+                        "trainable": trainable, "step": trainer.global_step},
+                       self.directory / f"rank{trainer.global_rank}_step{trainer.global_step}.pt")
+
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         self.record["grad_norm"] = local_norm(torch.stack([g.float().norm() for g in grads.values()])) if grads else 0.0
@@ -85,8 +94,6 @@ class RankProbe(pl.Callback):
         self.record, self.activations = {}, {}
 
 
-if os.environ.get("PROBE_ANOMALY") == "1":
-    torch.autograd.set_detect_anomaly(True)
 configured = tunelab.callbacks.build_callbacks
 probe = RankProbe(Path(os.environ.get("PROBE_DIR", "probe")))
 tunelab.callbacks.build_callbacks = lambda cfg: [*configured(cfg), probe]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 12, part 1: where a 4-GPU DDP LoRA run turns NaN. Runs the issue's settings through the per-rank probe
 # (benchmarks/ddp_probe_train.py) on every GPU with DDP and on one GPU, and packs each rank's per-step record into
-# $OUT/probe-$TAG.tar.gz. PROBE_ANOMALY=1 names the first backward op to return NaN. ONLY="ddp_none one_none ddp_auto" picks runs; EXTRA adds overrides to each.
+# $OUT/probe-$TAG.tar.gz. EXTRA=+trainer.detect_anomaly=true names the first backward op to return NaN;
+# PROBE_DUMP_STEP=10 saves each rank's batch and adapters as step 10 starts. ONLY="ddp_none one_none ddp_auto" picks runs; EXTRA adds overrides to each.
 source "$(dirname "$0")/gpu_runs.sh"   # OUT, RUNS, PY, env.txt, want
 N=${GPUS:-$(nvidia-smi -L | wc -l)}
 COMMON="model=llama1b model.init=random model.tokenizer=char data=random_tokens precision=bf16_true peft=lora
