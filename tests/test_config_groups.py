@@ -76,7 +76,7 @@ def test_option_composes_validates_and_builds(group, option, tmp_path, dataset_c
         expected = {"auto": str, "ddp": DDPStrategy, "fsdp": FSDPStrategy, "fsdp8": FSDPStrategy}.get(option, object)
         assert isinstance(strategy, expected)
     elif group == "callbacks":
-        assert len(build_callbacks(cfg.callbacks)) == (7 if option == "default" else 0)
+        assert len(build_callbacks(cfg.callbacks)) == (8 if option == "default" else 0)
     elif group == "logger":
         logger = build_logger(cfg)
         assert (logger is None) == (option == "none")
