@@ -24,7 +24,7 @@ from tunelab.peft import apply_peft, base_quantization
 from tunelab.preemption import Preempted, requeue_slurm_job
 from tunelab.report import finish_run
 from tunelab.strategy import build_device, runs_on_gpu
-from tunelab.study_trial import study_trial_callbacks
+from tunelab.sweep.trial import study_trial_callbacks
 from tunelab.trainer import build_trainer, effective_batch_size, stop_every_rank
 
 log = logging.getLogger("tunelab")

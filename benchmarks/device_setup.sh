@@ -23,10 +23,10 @@ PINS=(
   hydra-core==1.4.0rc3
   omegaconf==2.4.1rc1                      # hydra-core 1.4.0rc3 needs >=2.4.1rc1; vendors its antlr4 runtime
   hydra-optuna-sweeper==1.4.0rc3
-  # Optuna and its RDB storage (also used by study_storage.py / the MLflow sqlite store).
+  # Optuna and its RDB storage (also used by sweep/storage.py / the MLflow sqlite store).
   optuna==5.0.0
   colorlog==6.12.0                         # optuna's logging
-  sqlalchemy==2.1.9                        # optuna RDB storage, mlflow sqlite:/// store, study_storage.make_url
+  sqlalchemy==2.1.9                        # optuna RDB storage, mlflow sqlite:/// store, sweep.storage.make_url
   alembic==1.20.1                          # schema migrations of optuna RDB and of mlflow's SQLAlchemy store
   mako==1.4.3                              # alembic's templates
   # MLflow tracking client (skinny: no UI; it already holds every file of mlflow-tracing, so that one is left out).

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tests.conftest import ROOT, mlflow_runs, subprocess_env
-from tunelab.study_storage import process_stat, this_worker, worker_is_gone
+from tunelab.sweep.storage import process_stat, this_worker, worker_is_gone
 
 pytest_plugins = ["tests.services"]
 

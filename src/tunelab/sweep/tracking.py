@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from tunelab.study_trial import PARENT_RUN_ATTR, PRUNED_ATTR, REPLACES_ATTR, RUN_ATTR  # noqa: E402
+from tunelab.sweep.trial import PARENT_RUN_ATTR, PRUNED_ATTR, REPLACES_ATTR, RUN_ATTR  # noqa: E402
 
 log = logging.getLogger(__name__)
 

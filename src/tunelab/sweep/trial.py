@@ -18,11 +18,11 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig
 
-from tunelab.study_storage import open_storage, trial_id
+from tunelab.sweep.storage import open_storage, trial_id
 
 log = logging.getLogger(__name__)
 
-SWEEPER_TARGET = "tunelab.study_sweeper.StudySweeper"
+SWEEPER_TARGET = "tunelab.sweep.sweeper.StudySweeper"
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
 RUN_ATTR = "mlflow_run_id"
 PRUNED_ATTR = "pruned_at_step"

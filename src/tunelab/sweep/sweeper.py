@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 FAILURE_ATTR = "failure"  # set on trials that failed on their own; lost, interrupted and surplus trials do not count
 SURPLUS_ATTR = "surplus"
-WORKER_ATTR = "tunelab:worker"  # system attr: the sweep process running the trial (study_storage.this_worker)
+WORKER_ATTR = "tunelab:worker"  # system attr: the sweep process running the trial (storage.this_worker)
 
 
 class SweepConfigError(ValueError):
@@ -101,8 +101,8 @@ class StudyLoop:
             raise SweepConfigError(f"the search space does not fit the config: {error}".splitlines()[0]) from error
 
     def run(self) -> None:
-        from tunelab.study_storage import open_storage, public_location, this_worker
-        from tunelab.sweep_tracking import StudyRun
+        from tunelab.sweep.storage import open_storage, public_location, this_worker
+        from tunelab.sweep.tracking import StudyRun
 
         s = self.sweeper
         try:
@@ -140,7 +140,7 @@ class StudyLoop:
     def fail_lost_trials(self) -> None:
         """Fails the running trials whose worker died: at once where it ran on this machine and its process is gone,
         else once its heartbeat is older than grace_period (fail_stale_trials, which calls on_stale_trial)."""
-        from tunelab.study_storage import worker_is_gone
+        from tunelab.sweep.storage import worker_is_gone
 
         self.optuna.storages.fail_stale_trials(self.study)
         TrialState = self.optuna.trial.TrialState
@@ -168,7 +168,7 @@ class StudyLoop:
     def queue_rerun(self, trial) -> None:
         """Queues `trial`'s params for the next trial asked (by any worker), which takes its place in n_trials and
         resumes from its last checkpoint (resume_overrides)."""
-        from tunelab.study_trial import REPLACES_ATTR
+        from tunelab.sweep.trial import REPLACES_ATTR
 
         self.study.enqueue_trial(trial.params, user_attrs={REPLACES_ATTR: trial.number})
 
@@ -259,8 +259,8 @@ class StudyLoop:
 
     def resume_overrides(self, trial) -> dict:
         """{ckpt_path: ...} for a trial that re-runs a lost one which left a last checkpoint this machine can read."""
-        from tunelab.study_storage import trial_id
-        from tunelab.study_trial import REPLACES_ATTR, RUN_DIR_ATTR
+        from tunelab.sweep.storage import trial_id
+        from tunelab.sweep.trial import REPLACES_ATTR, RUN_DIR_ATTR
 
         if (number := trial.user_attrs.get(REPLACES_ATTR)) is None:
             return {}
@@ -274,7 +274,7 @@ class StudyLoop:
         return {"ckpt_path": "'" + str(checkpoint).replace("'", "\\'") + "'"}  # quoted: a path may hold = or ,
 
     def tell(self, trial, result) -> None:
-        from tunelab.study_trial import PRUNED_ATTR
+        from tunelab.sweep.trial import PRUNED_ATTR
 
         TrialState = self.optuna.trial.TrialState
         try:
@@ -314,7 +314,7 @@ class StudyLoop:
                 f"{failures[-1].user_attrs[FAILURE_ATTR]}".splitlines()[0])
 
     def summary(self) -> dict:
-        from tunelab.study_storage import public_location
+        from tunelab.sweep.storage import public_location
 
         trials = self.study.get_trials(deepcopy=False)
         summary = {
