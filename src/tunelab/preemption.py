@@ -51,8 +51,8 @@ def write_record(run_dir: Path, record: dict) -> None:
 
 
 def agreed_signal(trainer: pl.Trainer, received: int) -> int:
-    """The signal any rank received (the highest number where they differ), the same on every rank. One small
-    collective on multi-process runs, where Lightning already broadcasts its own SIGTERM flag at every step."""
+    """The signal any rank received (the highest number where they differ), the same on every rank: one small
+    collective on multi-process runs."""
     if trainer.world_size == 1:
         return received
     flag = torch.tensor(received, device=trainer.strategy.root_device)
@@ -111,8 +111,11 @@ class PreemptionCheckpoint(Checkpoint):
             return
         if 0 < trainer.max_steps <= trainer.global_step:  # the run is done anyway
             return
+        validation_due = epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher)
+        if trainer.world_size > 1 and not (validation_due or trainer._logger_connector.should_update_logs):
+            return  # agreeing is a collective and a host sync: ranks agree at logging steps and before validations
         self.agreed = agreed_signal(trainer, self.received)
-        if self.agreed and not epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+        if self.agreed and not validation_due:
             trainer._logger_connector.update_train_step_metrics()  # what the loop logs right after this hook
             self.stop(trainer)
 
