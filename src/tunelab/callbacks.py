@@ -6,9 +6,10 @@ from datetime import timedelta
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig
+
+from tunelab.targets import build_target
 
 
 class GradNormMonitor(pl.Callback):
@@ -229,5 +230,5 @@ class ObjectiveTracker(pl.Callback):
 
 
 def build_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    allowed = ["lightning.pytorch.callbacks.*", "tunelab.callbacks.*", "tunelab.preemption.*"]
-    return [instantiate(spec, _execution_whitelist_=allowed) for spec in (cfg or {}).values() if spec is not None]
+    """Each entry's `_target_`: Lightning's, tunelab's or the user's own Callback subclass (tunelab.targets)."""
+    return [build_target(f"callbacks.{name}", spec) for name, spec in (cfg or {}).items() if spec is not None]

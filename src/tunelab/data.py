@@ -9,11 +9,11 @@ from typing import Any, Iterator
 import lightning.pytorch as pl
 import torch
 from datasets import Dataset, load_dataset
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from tunelab.targets import build_target
 from tunelab.tiny_task import write_tiny_task
 
 log = logging.getLogger(__name__)
@@ -335,8 +335,10 @@ class InstructionDataModule(pl.LightningDataModule):
         )
 
 
-def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> InstructionDataModule:
-    return instantiate(cfg, tokenizer=tokenizer, _execution_whitelist_=["tunelab.data.*"])
+def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> pl.LightningDataModule:
+    """`data._target_` (tunelab's or the user's own LightningDataModule, tunelab.targets) with the option's keys and
+    the tokenizer."""
+    return build_target("data", cfg, tokenizer=tokenizer)
 
 
 class RandomTokenDataModule(pl.LightningDataModule):
