@@ -13,7 +13,8 @@ from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.config import ConfigError, validate_config
 from tunelab.data import (IGNORE_INDEX, InstructionCollator, PackedBatchSampler, PackedCollator, build_datamodule,
                           tokenize_example)
-from tunelab.kernels import FusedLinearLoss, apply_kernels, resolve_kernels
+from tunelab.kernel_choice import resolve_kernels
+from tunelab.kernels import FusedLinearLoss, apply_kernels
 from tunelab.model import build_model
 from tunelab.module import CausalLMModule, exact_match, model_loss
 from tunelab.peft import apply_peft

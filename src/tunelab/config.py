@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tunelab.precision import precision_warnings
-from tunelab.strategy import AUTO_WRAP_CHOICES, is_known_strategy, runs_on_gpu, strategy_devices
+from tunelab.kernel_choice import COMPILES, FUSED_OPS, LOSSES, liger_available, resolve_kernels
+from tunelab.strategy import AUTO_WRAP_CHOICES, gpu_count, is_known_strategy, runs_on_gpu, strategy_devices
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ FIELDS: dict[str, Rule | OneOf | ListOf] = {
     "objective.metric": OneOf(*VALIDATION_METRICS),
     "objective.mode": OneOf("min", "max"),
     "export": Rule(bool),
+    "system_metrics": OneOf("auto", True, False),
 
     "model.name_or_path": Rule(str, null=True),
     "model.init": OneOf("pretrained", "random"),
@@ -199,10 +200,18 @@ ABSENT = object()
 
 def validate_config(cfg: DictConfig) -> None:
     for check in (check_resolves, check_fields, check_model, check_data, check_peft, check_kernels, check_optim,
-                  check_trainer, check_fsdp_adapters, check_placement, check_run, check_tracking_server):
+                  check_trainer, check_fsdp_adapters, check_placement, check_run, check_tracking_server, check_targets):
         check(cfg)
     for warning in precision_warnings(cfg.precision, cfg.model):
         log.warning(warning)
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """The classes that callbacks, data, logger and module name (tunelab.targets). Importing them imports Lightning
+    too, so this check runs after every one that reads the config alone."""
+    from tunelab.targets import check_group_targets
+
+    check_group_targets(cfg)
 
 
 def check_resolves(cfg: DictConfig) -> None:
@@ -300,8 +309,6 @@ def check_peft(cfg: DictConfig) -> None:
 
 
 def check_kernels(cfg: DictConfig) -> None:
-    from tunelab.kernels import COMPILES, FUSED_OPS, LOSSES, liger_available, resolve_kernels
-
     kernels = cfg.kernels
     for key, choices in (("loss", LOSSES), ("compile", COMPILES), ("fused_ops", FUSED_OPS)):
         if kernels[key] not in choices:
@@ -345,7 +352,7 @@ def check_placement(cfg: DictConfig) -> None:
         raise ConfigError(f"strategy.name={strategy.name} is not a Lightning strategy: use an option of conf/strategy or give a _target_")
     devices = strategy_devices(strategy, trainer)
     check_devices(devices)
-    gpus = torch.cuda.device_count()
+    gpus = gpu_count()
     uses_gpu = runs_on_gpu(strategy, trainer)
     check_sharding(strategy, uses_gpu)
     check_nodes(trainer.num_nodes, devices)

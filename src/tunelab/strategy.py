@@ -3,21 +3,56 @@
 FSDP options get two tunelab keys on top of FSDPStrategy's own arguments: `auto_wrap: decoder_layers` wraps each
 decoder layer of whatever model is loaded (the classes transformers lists in `_no_split_modules`), and
 `activation_checkpointing: true` recomputes those same layers in the backward pass.
+
+Validation reads the placement functions here before anything heavy loads, so torch and Lightning are imported only
+inside the functions that build (`gpu_count` asks torch only where a GPU can exist).
 """
 
-import os
+from __future__ import annotations
 
-import torch
+import os
+from glob import glob
+from typing import TYPE_CHECKING
+
 from hydra.utils import instantiate
-from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.fsdp.wrap import CustomPolicy
+
+if TYPE_CHECKING:
+    import torch
+    from lightning.pytorch.strategies import Strategy
 
 # Keys of a strategy option that describe where it runs rather than arguments of the strategy class.
 PLACEMENT_KEYS = ("name", "devices", "accelerator")
 # Keys tunelab turns into FSDPStrategy arguments once the model is known.
 FSDP_MODEL_KEYS = ("auto_wrap", "activation_checkpointing")
 AUTO_WRAP_CHOICES = (None, "decoder_layers")
+# The names in Lightning's StrategyRegistry (2.6), so a strategy.name is checked without importing Lightning;
+# tests/test_cli.py holds this list to the registry of the Lightning installed.
+LIGHTNING_STRATEGIES = (
+    "ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true", "ddp_fork",
+    "ddp_fork_find_unused_parameters_false", "ddp_fork_find_unused_parameters_true", "ddp_notebook",
+    "ddp_notebook_find_unused_parameters_false", "ddp_notebook_find_unused_parameters_true", "ddp_spawn",
+    "ddp_spawn_find_unused_parameters_false", "ddp_spawn_find_unused_parameters_true", "deepspeed", "deepspeed_stage_1",
+    "deepspeed_stage_2", "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload",
+    "deepspeed_stage_3_offload_nvme", "fsdp", "fsdp_cpu_offload", "single_device", "single_tpu", "single_xla", "xla",
+    "xla_debug",
+)
+# Device nodes without which no process sees a GPU: NVIDIA's driver, WSL's GPU paravirtualisation, AMD's ROCm.
+GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/dxg", "/dev/kfd")
+
+
+def may_have_gpus() -> bool:
+    return "CUDA_VISIBLE_DEVICES" in os.environ or any(glob(pattern) for pattern in GPU_DEVICE_NODES)
+
+
+def gpu_count() -> int:
+    """The GPUs torch sees. Importing torch to learn there are none costs seconds, so where none can be there is no
+    need to ask it."""
+    if not may_have_gpus():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def strategy_devices(cfg: DictConfig, trainer_cfg: DictConfig):
@@ -32,7 +67,7 @@ def strategy_accelerator(cfg: DictConfig, trainer_cfg: DictConfig) -> str:
 def runs_on_gpu(cfg: DictConfig, trainer_cfg: DictConfig) -> bool:
     """Whether the run's accelerator is a CUDA GPU: named so, or `auto` on a machine that has one."""
     accelerator = strategy_accelerator(cfg, trainer_cfg)
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.device_count() > 0)
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpu_count() > 0)
 
 
 def build_device(cfg: DictConfig, on_gpu: bool) -> torch.device | None:
@@ -42,26 +77,14 @@ def build_device(cfg: DictConfig, on_gpu: bool) -> torch.device | None:
     sharded = str(cfg.get("_target_", "")).endswith(("FSDPStrategy", "DeepSpeedStrategy"))
     if not on_gpu or sharded:
         return None
+    import torch
+
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-
-
-class SameStreamDDPStrategy(DDPStrategy):
-    """Lightning's DDPStrategy, with DistributedDataParallel built on the stream the training steps run on.
-
-    Lightning builds it inside a fresh side stream. DDP makes each parameter's AccumulateGrad node there and keeps it,
-    and torch 2.11 then accumulates every gradient on that side stream while the backward pass produces it on the
-    default one: it warns each step that "the AccumulateGrad node's stream does not match", which costs
-    synchronization and keeps CUDA graphs out. Built here, the warning is gone (4 H100s, BENCHMARKS.md issue 12).
-    """
-
-    def _setup_model(self, model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel:
-        return torch.nn.parallel.DistributedDataParallel(module=model, device_ids=self.determine_ddp_device_ids(),
-                                                         **self._ddp_kwargs)
 
 
 def is_known_strategy(cfg: DictConfig) -> bool:
     """An option either names its class (`_target_`) or one of Lightning's registered strategy names."""
-    return "_target_" in cfg or cfg.name == "auto" or cfg.name in StrategyRegistry
+    return "_target_" in cfg or cfg.name == "auto" or cfg.name in LIGHTNING_STRATEGIES
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
@@ -89,6 +112,8 @@ def is_trainable_leaf(module: torch.nn.Module) -> bool:
 def wrap_policy(layers: set[type[torch.nn.Module]], model: torch.nn.Module):
     """One FSDP unit per decoder layer; with a frozen base (LoRA), each trainable leaf (an adapter matrix) gets a unit
     of its own, so frozen and trainable weights never share one and gradients are kept only for the adapters."""
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
     if not has_frozen_parameters(model):
         return layers
     return CustomPolicy(lambda module: type(module) in layers or is_trainable_leaf(module))
@@ -115,5 +140,5 @@ def build_strategy(cfg: DictConfig, model: torch.nn.Module | None = None) -> Str
         if checkpointing:
             from_model["activation_checkpointing_policy"] = layers
     # Classes are no config values: bind the YAML arguments first, then add the policies as plain objects.
-    partial = instantiate(arguments, _partial_=True, _convert_="all", _execution_whitelist_=["lightning.pytorch.strategies.*", "tunelab.strategy.*"])
+    partial = instantiate(arguments, _partial_=True, _convert_="all", _execution_whitelist_=["lightning.pytorch.strategies.*", "tunelab.ddp.*"])
     return partial(**from_model)
