@@ -5,27 +5,11 @@ import sys
 from pathlib import Path
 
 import hydra
-import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from tunelab.callbacks import ObjectiveTracker, build_callbacks
-from tunelab.checkpoint import gather_fsdp_weights, resolve_ckpt_path
 from tunelab.config import ConfigError, validate_config
-from tunelab.data import build_datamodule
-from tunelab.failures import explain_failure
-from tunelab.inputs import check_inputs, load_tokenizer
-from tunelab.kernels import apply_kernels, build_loss, resolve_kernels
-from tunelab.logger import build_logger, log_run_config, logger_callbacks, mark_failed, mark_preempted
-from tunelab.model import build_model, count_parameters
-from tunelab.module import CausalLMModule
-from tunelab.peft import apply_peft, base_quantization
-from tunelab.preemption import Preempted, requeue_slurm_job
-from tunelab.report import finish_run
-from tunelab.strategy import build_device, runs_on_gpu
-from tunelab.sweep.trial import study_trial_callbacks
-from tunelab.trainer import build_trainer, effective_batch_size, stop_every_rank
 
 log = logging.getLogger("tunelab")
 
@@ -34,6 +18,25 @@ log = logging.getLogger("tunelab")
 def main(cfg: DictConfig) -> float:
     try:
         validate_config(cfg)
+        # The heavy stack is imported only now that the config holds up: --help and config errors stay fast.
+        import lightning.pytorch as pl
+        from tunelab.callbacks import ObjectiveTracker, build_callbacks
+        from tunelab.checkpoint import gather_fsdp_weights, resolve_ckpt_path
+        from tunelab.data import build_datamodule
+        from tunelab.failures import explain_failure
+        from tunelab.inputs import check_inputs, load_tokenizer
+        from tunelab.kernel_choice import resolve_kernels
+        from tunelab.kernels import apply_kernels, build_loss
+        from tunelab.logger import build_logger, log_run_config, logger_callbacks, mark_failed, mark_preempted
+        from tunelab.model import build_model, count_parameters
+        from tunelab.module import build_module
+        from tunelab.peft import apply_peft, base_quantization
+        from tunelab.preemption import Preempted, requeue_slurm_job
+        from tunelab.report import finish_run
+        from tunelab.strategy import build_device, runs_on_gpu
+        from tunelab.sweep.trial import study_trial_callbacks
+        from tunelab.trainer import build_trainer, effective_batch_size, stop_every_rank
+
         ckpt_path = resolve_ckpt_path(cfg)
         tokenizer = load_tokenizer(cfg.model)
         check_inputs(cfg, tokenizer)  # data rows, model architecture, LoRA targets: before any weights or MLflow run
@@ -51,8 +54,8 @@ def main(cfg: DictConfig) -> float:
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     kernels = resolve_kernels(cfg)
-    module = CausalLMModule(apply_kernels(model, kernels, cfg.kernels.compile_mode), cfg.optim,
-                            adapter_only_checkpoints=bool(cfg.peft), loss=build_loss(kernels, model, cfg.kernels.loss_chunk_size))
+    module = build_module(cfg.module, apply_kernels(model, kernels, cfg.kernels.compile_mode), cfg.optim,
+                          adapter_only_checkpoints=bool(cfg.peft), loss=build_loss(kernels, model, cfg.kernels.loss_chunk_size))
 
     logger = build_logger(cfg)
     tracker = ObjectiveTracker(cfg.objective.metric, cfg.objective.mode)
