@@ -15,6 +15,7 @@ from tunelab.config import ConfigError, validate_config
 from tunelab.data import InstructionDataModule, RandomTokenDataModule, build_datamodule
 from tunelab.logger import build_logger
 from tunelab.model import build_model, count_parameters
+from tunelab.module import CausalLMModule, build_module
 from tunelab.peft import apply_peft
 from tunelab.strategy import build_strategy
 
@@ -31,8 +32,9 @@ NEEDS_PRETRAINED = {("peft", "qlora")}
 
 
 def test_every_group_has_options():
-    assert {"model", "data", "peft", "optim", "strategy", "precision", "callbacks", "logger", "trainer", "sweep", "experiment"} <= set(GROUPS)
-    assert len(OPTIONS) >= 25
+    assert {"model", "data", "peft", "optim", "strategy", "precision", "module", "callbacks", "logger", "trainer", "sweep",
+            "experiment"} <= set(GROUPS)
+    assert len(OPTIONS) >= 26
 
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
@@ -75,6 +77,9 @@ def test_option_composes_validates_and_builds(group, option, tmp_path, dataset_c
         strategy = build_strategy(cfg.strategy, build_model(cfg.model, cfg.precision, tokenizer))
         expected = {"auto": str, "ddp": DDPStrategy, "fsdp": FSDPStrategy, "fsdp8": FSDPStrategy}.get(option, object)
         assert isinstance(strategy, expected)
+    elif group == "module":
+        module = build_module(cfg.module, build_model(cfg.model, cfg.precision, tokenizer), cfg.optim)
+        assert isinstance(module, CausalLMModule)
     elif group == "callbacks":
         assert len(build_callbacks(cfg.callbacks)) == (8 if option == "default" else 0)
     elif group == "logger":

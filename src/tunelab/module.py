@@ -1,4 +1,5 @@
-"""The LightningModule: a causal LM trained on answer tokens, validated on loss and exact match."""
+"""Builds the `module` group: the LightningModule, by default a causal LM trained on answer tokens and validated on
+loss and exact match (CausalLMModule); `module._target_` may name the user's own LightningModule (tunelab.targets)."""
 
 import random
 
@@ -12,6 +13,7 @@ from transformers import PreTrainedModel
 
 from tunelab.data import IGNORE_INDEX, model_inputs
 from tunelab.optim import build_optimizer, build_scheduler
+from tunelab.targets import build_target
 
 
 def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -118,3 +120,9 @@ class CausalLMModule(pl.LightningModule):
             checkpoint["callbacks"] = apply_to_collection(checkpoint["callbacks"], torch.Tensor, torch.Tensor.cpu)
         if "rng_states" in checkpoint:
             restore_rng_states(checkpoint["rng_states"])
+
+
+def build_module(cfg: DictConfig, model: PreTrainedModel, optim: DictConfig, **offered) -> pl.LightningModule:
+    """`module._target_` with the module option's keys, the built model and the optim config; `offered` (the loss
+    tunelab built, adapter_only_checkpoints) goes to a constructor that names it or takes **kwargs."""
+    return build_target("module", cfg, model=model, optim=optim, **offered)
