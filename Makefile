@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-gpu services ui bench bench-scale-out bench-sweep clean
+.PHONY: install train test test-gpu services ui bench bench-scale-out bench-sweep bench-cli clean
 
 install: $(VENV)/.installed
 
@@ -24,17 +24,24 @@ train: install
 services:
 	bash .ci/services.sh
 
+# Two test files at a time (most tests wait on a train.py subprocess), one thread per process: torch's default of one
+# thread per core in each of them oversubscribes a 2-core machine many times over.
+TEST_WORKERS ?= 2
 test: install services
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # On a machine with 2+ CUDA GPUs: FSDP export/resume over two ranks, sweeps of multi-GPU trials, QLoRA on a GPU
 # (`make test` skips the multi-GPU ones where there are fewer GPUs).
 test-gpu: install
 	$(PY) -m pytest tests/test_multi_gpu.py tests/test_qlora.py $(PYTEST_ARGS)
 
+# The UI opens on MLflow 3's GenAI home page: first print the address of the experiment's training runs.
 UI_PORT ?= 5000
+EXPERIMENT ?= tunelab
+UI_STORE = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db}
 ui: install
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} --host 127.0.0.1 --port $(UI_PORT)
+	@$(PY) -m tunelab.mlflow_ui --store "$(UI_STORE)" --ui http://127.0.0.1:$(UI_PORT) --experiment $(EXPERIMENT)
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow ui --backend-store-uri "$(UI_STORE)" --host 127.0.0.1 --port $(UI_PORT)
 
 # Throughput and memory on this machine (one GPU: the fast path against hand-written loops on the Llama-3.2-1B
 # architecture, benchmarks/gpu_fast_path.sh; CPU: the default job).
@@ -48,6 +55,10 @@ bench-scale-out: install
 # Sweep efficiency on the embedded task: 20 trials without and with pruning (about 15 minutes on 2 CPU cores).
 bench-sweep: install
 	bash benchmarks/sweep_efficiency.sh
+
+# Start-up of the command line: `train.py --help` and a config error against `import lightning` (issue 13; ~1 minute).
+bench-cli: install
+	$(PY) benchmarks/cli_startup.py
 
 clean:
 	rm -rf outputs/*/ multirun/*/ .cache
