@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import MLFlowLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tunelab.sweep.storage import open_storage, trial_id
 
@@ -53,9 +53,10 @@ class StudyTrialCallback(pl.Callback):
             trainer.should_stop = True
 
 
-def attach_run(trial: optuna.Trial, logger) -> None:
+def attach_run(trial: optuna.Trial, logger, run_name: str | None) -> None:
     """Creates the job's MLflow run already nested under the study's run and tagged with the trial, and records it on
-    the trial at once: a trial killed at any later moment leaves a run the sweeper can find and end, never an orphan."""
+    the trial at once: a trial killed at any later moment leaves a run the sweeper can find and end, never an orphan.
+    The run is named `<run_name>-trial<N>`: every trial of a sweep gets the same run_name (its time is the sweep's)."""
     if not isinstance(logger, MLFlowLogger):
         return
     tags = {"optuna.study_name": trial.study.study_name, "optuna.trial_number": str(trial.number)}
@@ -63,6 +64,7 @@ def attach_run(trial: optuna.Trial, logger) -> None:
         tags["mlflow.parentRunId"] = parent
     logger.tags = {**(logger.tags or {}), **tags}
     trial.set_user_attr(RUN_ATTR, logger.run_id)  # run_id creates the run, with those tags
+    logger.experiment.update_run(logger.run_id, name=f"{run_name or 'trial'}-trial{trial.number}")
 
 
 def study_trial_callbacks(cfg: DictConfig, logger=None) -> list[pl.Callback]:
@@ -77,7 +79,7 @@ def study_trial_callbacks(cfg: DictConfig, logger=None) -> list[pl.Callback]:
         return []
     trial = open_trial(hydra.sweeper, hydra.job.num)
     trial.set_user_attr(RUN_DIR_ATTR, str(cfg.paths.output_dir))  # where a re-run of this trial finds its checkpoint
-    attach_run(trial, logger)
+    attach_run(trial, logger, OmegaConf.select(cfg, "logger.run_name"))
     return [StudyTrialCallback(trial, cfg.objective.metric)]
 
 
