@@ -6,13 +6,15 @@ import tempfile
 from pathlib import Path
 
 import lightning.pytorch as pl
-from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger, MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.dataset_inputs import DatasetInputLogger
 from tunelab.preemption import Preempted, read_record
+from tunelab.system_metrics import SystemMetricsLogger
+from tunelab.targets import build_target
 
 SECRET_MARKERS = ("token", "password", "secret", "api_key")
 
@@ -28,7 +30,7 @@ def build_logger(cfg: DictConfig) -> Logger | None:
             spec.pop("artifact_location", None)  # a tracking server decides where artifacts go
         spec["tags"] = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), **git_tags(cfg.paths.root)}
         spec["run_id"] = reopen_preempted_run(spec["tracking_uri"], cfg.paths.output_dir)
-    return instantiate(spec, _execution_whitelist_=["lightning.pytorch.loggers.*"])
+    return build_target("logger", spec)  # Lightning's or the user's own Logger subclass (tunelab.targets)
 
 
 def reopen_preempted_run(tracking_uri: str, run_dir: str) -> str | None:
@@ -123,7 +125,9 @@ class FailedRunMarker(pl.Callback):
 
 
 def logger_callbacks(cfg: DictConfig) -> list[pl.Callback]:
-    """Callbacks every rank needs for the configured logger (built from the config: ranks other than 0 have none)."""
+    """Callbacks every rank needs for the configured logger (built from the config: ranks other than 0 have none);
+    those that log act where the logger is."""
     if cfg.logger and cfg.logger._target_.endswith("MLFlowLogger"):
-        return [FailedRunMarker(cfg.logger.tracking_uri)]
+        system_metrics = SystemMetricsLogger(cfg.get("system_metrics", "auto"), cfg.logger.tracking_uri)
+        return [FailedRunMarker(cfg.logger.tracking_uri), DatasetInputLogger(), system_metrics]
     return []

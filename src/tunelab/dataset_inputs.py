@@ -1,0 +1,71 @@
+"""The data a run trains and validates on, logged as its MLflow run's inputs: the runs table's Dataset column shows
+them, and the run's page lists each split's name, source, digest and number of rows.
+
+Everything comes from what the data module already holds once set up, with no pass over the data: the digest of a
+split is its `datasets` fingerprint, which stands for the source rows (a file's path and modification time, a Hub
+dataset's revision), their tokenization and the seeded split.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import MLFlowLogger
+
+CONTEXT_TAG = "mlflow.data.context"  # mlflow.utils.mlflow_tags.MLFLOW_DATASET_CONTEXT, what the UI labels inputs by
+
+
+def short_digest(*parts) -> str:
+    # MLflow shows digests of 8 characters (MetaDataset's own length).
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
+def dataset_inputs(datamodule: pl.LightningDataModule) -> list:
+    """MLflow DatasetInputs for the training and validation splits of tunelab's data modules (set up); [] for any
+    other data module, which tunelab cannot describe."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    from tunelab.data import InstructionDataModule, RandomTokenDataModule
+
+    dm = datamodule
+    if isinstance(dm, InstructionDataModule) and dm.train is not None:
+        if dm.source == "hub":
+            name, source = dm.path, HuggingFaceDatasetSource(dm.path, split=dm.split)
+        elif dm.source == "jsonl":
+            name, source = Path(dm.path).name, LocalArtifactDatasetSource(str(Path(dm.path).resolve()))
+        else:
+            generator = {"generator": "tunelab.tiny_task", "num_examples": dm.num_examples, "seed": dm.seed}
+            name, source = "tiny-task", CodeDatasetSource(generator)
+        splits = {"training": dm.train, "validation": dm.val}
+        return [split_input(name, source, short_digest(rows._fingerprint), len(rows), context)
+                for context, rows in splits.items()]
+    if isinstance(dm, RandomTokenDataModule):
+        generator = {"generator": "tunelab.data.RandomTokenDataModule", "vocab_size": dm.vocab_size,
+                     "max_length": dm.max_length, "seed": dm.seed}
+        source = CodeDatasetSource(generator)
+        rows = {"training": dm.num_examples, "validation": dm.val_size}
+        return [split_input("random-tokens", source, short_digest(generator, context, count), count, context)
+                for context, count in rows.items()]
+    return []
+
+
+def split_input(name: str, source, digest: str, num_rows: int, context: str):
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    fields = MetaDataset(source, name=name, digest=digest).to_dict()  # MLflow's own source JSON and source type
+    dataset = Dataset(**fields, profile=json.dumps({"num_rows": num_rows}))
+    return DatasetInput(dataset, tags=[InputTag(CONTEXT_TAG, context)])
+
+
+class DatasetInputLogger(pl.Callback):
+    """Logs the splits as inputs of the MLflow run once the data module is set up (fit calls setup first)."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logger = trainer.logger
+        if isinstance(logger, MLFlowLogger) and trainer.datamodule is not None:
+            if inputs := dataset_inputs(trainer.datamodule):
+                logger.experiment.log_inputs(logger.run_id, datasets=inputs)
