@@ -37,21 +37,22 @@ class SortLettersDataModule(pl.LightningDataModule):
         self.val, self.train = rows[:self.val_count], rows[self.val_count:]
         log.info("sort_data: %d train / %d val rows", len(self.train), len(self.val))
 
-    def tokenize(self, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    def tokenize(self, prompt: str, answer: str) -> dict[str, list[int]]:
         bos = [self.tokenizer.bos_token_id] if self.tokenizer.bos_token_id is not None else []
         prompt_ids = [*bos, *self.tokenizer(prompt, add_special_tokens=False)["input_ids"]]
         answer_ids = [*self.tokenizer(answer, add_special_tokens=False)["input_ids"], self.tokenizer.eos_token_id]
-        return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}
 
-    def collate(self, rows: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(ids) for ids, _ in rows)
+    def collate(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in rows)
         batch = {"input_ids": torch.full((len(rows), width), self.tokenizer.pad_token_id),
                  "attention_mask": torch.zeros((len(rows), width), dtype=torch.long),
                  "labels": torch.full((len(rows), width), IGNORE_INDEX)}
-        for i, (ids, labels) in enumerate(rows):
-            batch["input_ids"][i, :len(ids)] = torch.tensor(ids)
-            batch["attention_mask"][i, :len(ids)] = 1
-            batch["labels"][i, :len(ids)] = torch.tensor(labels)
+        for i, row in enumerate(rows):
+            length = len(row["input_ids"])
+            batch["input_ids"][i, :length] = torch.tensor(row["input_ids"])
+            batch["attention_mask"][i, :length] = 1
+            batch["labels"][i, :length] = torch.tensor(row["labels"])
         return batch
 
     def train_dataloader(self) -> DataLoader:
