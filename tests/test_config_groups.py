@@ -81,7 +81,7 @@ def test_option_composes_validates_and_builds(group, option, tmp_path, dataset_c
         module = build_module(cfg.module, build_model(cfg.model, cfg.precision, tokenizer), cfg.optim)
         assert isinstance(module, CausalLMModule)
     elif group == "callbacks":
-        assert len(build_callbacks(cfg.callbacks)) == (8 if option == "default" else 0)
+        assert len(build_callbacks(cfg.callbacks)) == (9 if option == "default" else 0)
     elif group == "logger":
         logger = build_logger(cfg)
         assert (logger is None) == (option == "none")
