@@ -23,6 +23,7 @@ def main(cfg: DictConfig) -> float:
         from tunelab.callbacks import ObjectiveTracker, build_callbacks
         from tunelab.checkpoint import gather_fsdp_weights, resolve_ckpt_path
         from tunelab.data import build_datamodule
+        from tunelab.export import export_options
         from tunelab.failures import explain_failure
         from tunelab.inputs import check_inputs, load_tokenizer
         from tunelab.kernel_choice import resolve_kernels
@@ -66,7 +67,8 @@ def main(cfg: DictConfig) -> float:
         log.info("effective batch: %d rows per optimizer step", batch)
         log_run_config(logger, cfg, {"trainable_params": trainable, "total_params": total, "effective_batch_size": batch})
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-        weights = gather_fsdp_weights(trainer.strategy.model) if cfg.export else None  # on every rank: each sends its shard
+        # On every rank: each sends its shard.
+        weights = gather_fsdp_weights(trainer.strategy.model) if export_options(cfg.export).enabled else None
         if trainer.is_global_zero:
             finish_run(cfg, trainer, tracker, model, tokenizer, Path(cfg.paths.output_dir), weights)
     except Preempted as preempted:  # exits 75 with last.ckpt saved; the same command in this run dir continues

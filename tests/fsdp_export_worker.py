@@ -12,7 +12,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from conftest import compose_config
 from tunelab.char_tokenizer import build_char_tokenizer
-from tunelab.checkpoint import export_pretrained, gather_fsdp_weights
+from tunelab.checkpoint import gather_fsdp_weights
+from tunelab.export import export_pretrained
 from tunelab.model import build_model
 from tunelab.module import CausalLMModule
 from tunelab.peft import apply_peft

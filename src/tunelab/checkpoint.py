@@ -1,8 +1,8 @@
-"""Where a run resumes from (`ckpt_path`), how checkpoints reach the disk whole, and what a run exports when done."""
+"""Where a run resumes from (`ckpt_path`), how checkpoints reach the disk whole, and how FSDP shards gather into one
+model (for the export, tunelab.export)."""
 
 import os
 import shutil
-from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
@@ -11,9 +11,7 @@ from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
 from omegaconf import DictConfig
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tunelab.config import ConfigError
 from tunelab.preemption import was_preempted
@@ -163,28 +161,3 @@ def gather_fsdp_weights(wrapped: torch.nn.Module) -> dict[str, torch.Tensor] | N
         state = wrapped.state_dict()
     return {key.removeprefix("model."): value for key, value in state.items()}  # the LightningModule's `model`
 
-
-def unwrapped_copy(model: PeftModel) -> PeftModel:
-    """The same PEFT model without FSDP's wrappers, on the meta device: it holds no weights, only module names."""
-    base = model.get_base_model()
-    with torch.device("meta"):
-        copy = get_peft_model(type(base)(base.config), deepcopy(model.peft_config[model.active_adapter]))
-    copy.peft_config = model.peft_config  # as configured, base_model_name_or_path included
-    return copy
-
-
-def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path,
-                      weights: dict[str, torch.Tensor] | None = None) -> Path:
-    """save_pretrained of the fine-tuned model, or only of its LoRA adapter, next to its tokenizer; `weights` stand in
-    for the model's own where those are shards (gather_fsdp_weights)."""
-    if isinstance(model, PeftModel):
-        if weights is not None:
-            # PEFT picks the adapter's keys by walking the model's modules, whose names FSDP changed (`layers.0.
-            # _fsdp_wrapped_module.self_attn...`) so that no gathered key would match: walk an unwrapped copy.
-            model = unwrapped_copy(model)
-        if not get_peft_model_state_dict(model, state_dict=weights):
-            raise RuntimeError(f"export: no adapter weights found for {type(model.get_base_model()).__name__}; "
-                               "nothing written (the checkpoints hold the trained adapter)")
-    model.save_pretrained(directory, state_dict=weights)
-    tokenizer.save_pretrained(directory)
-    return directory

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-mixed")
 PROFILERS = (None, "simple", "advanced", "pytorch")
-VALIDATION_METRICS = ("val/loss", "val/exact_match")
+GENERATED_EXACT_MATCH = "val/generated_exact_match"  # logged by the samples callback (tunelab.samples)
+VALIDATION_METRICS = ("val/loss", "val/exact_match", GENERATED_EXACT_MATCH)
 
 
 class ConfigError(ValueError):
@@ -101,13 +102,27 @@ class ListOf:
         return f"must be a list of {self.length} {KIND_PLURALS[self.item.kind]} {' and '.join(self.item.bounds)}".rstrip()
 
 
+class AnyOf:
+    """A value that one of `rules` accepts."""
+
+    def __init__(self, *rules: Rule):
+        self.rules = rules
+
+    def problem(self, value: Any) -> str | None:
+        if any(rule.problem(value) is None for rule in self.rules):
+            return None
+        return f"must be {' or '.join(str(rule) for rule in self.rules)}"
+
+
 # What each key may hold. A key the chosen option lacks, or under a group or callback set to null, is not checked.
-FIELDS: dict[str, Rule | OneOf | ListOf] = {
+FIELDS: dict[str, Rule | OneOf | ListOf | AnyOf] = {
     "seed": Rule(int, ">= 0"),
     "ckpt_path": Rule(str, null=True),
     "objective.metric": OneOf(*VALIDATION_METRICS),
     "objective.mode": OneOf("min", "max"),
-    "export": Rule(bool),
+    "export": AnyOf(Rule(bool), Rule(dict)),  # export=false stands for export.enabled=false
+    "export.enabled": Rule(bool),
+    "export.merge": Rule(bool),
     "system_metrics": OneOf("auto", True, False),
 
     "model.name_or_path": Rule(str, null=True),
@@ -178,6 +193,8 @@ FIELDS: dict[str, Rule | OneOf | ListOf] = {
     "callbacks.grad_norm.norm_type": Rule(float, "> 0"),
     "callbacks.divergence.action": OneOf("stop", "skip"),
     "callbacks.lr_monitor.logging_interval": OneOf(None, "step", "epoch"),
+    "callbacks.samples.count": Rule(int, ">= 1"),
+    "callbacks.samples.max_new_tokens": Rule(int, ">= 1"),
 
     "trainer.accelerator": Rule(str),
     "trainer.num_nodes": Rule(int, ">= 1"),
@@ -200,7 +217,8 @@ ABSENT = object()
 
 def validate_config(cfg: DictConfig) -> None:
     for check in (check_resolves, check_fields, check_model, check_data, check_peft, check_kernels, check_optim,
-                  check_trainer, check_fsdp_adapters, check_placement, check_run, check_tracking_server, check_targets):
+                  check_trainer, check_fsdp_adapters, check_placement, check_run, check_objective, check_tracking_server,
+                  check_targets):
         check(cfg)
     for warning in precision_warnings(cfg.precision, cfg.model):
         log.warning(warning)
@@ -414,6 +432,18 @@ def check_run(cfg: DictConfig) -> None:
             raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint (or use ckpt_path=last)")
         if path.is_file() and not zipfile.is_zipfile(path):  # torch.save writes zip archives; sharded ones are dirs
             raise ConfigError(f"ckpt_path={cfg.ckpt_path} is not a PyTorch checkpoint (truncated or another kind of file)")
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """ModelCheckpoint and EarlyStopping stop the run at the first validation that does not log the objective."""
+    if cfg.objective.metric != GENERATED_EXACT_MATCH:
+        return
+    if OmegaConf.select(cfg, "callbacks.samples") is None:
+        raise ConfigError(f"objective.metric={GENERATED_EXACT_MATCH} is logged by the samples callback, which is off: "
+                          "drop callbacks.samples=null (or callbacks=none), or pick another objective.metric")
+    if cfg.data.get("source") == "random_tokens":
+        raise ConfigError(f"objective.metric={GENERATED_EXACT_MATCH} needs data with prompts and answers; "
+                          "data=random_tokens has none")
 
 
 def without_credentials(uri: str) -> str:

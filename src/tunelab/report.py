@@ -63,19 +63,38 @@ def summary_lines(tracker: ObjectiveTracker, objective: float, best_checkpoint: 
     return lines
 
 
+def sample_lines(samples: list[dict], width: int = 40) -> list[str]:
+    """The last validation's generation samples (tunelab.samples): the end of each prompt, the start of its greedy
+    answer, and what was expected where that differs."""
+    if not samples:
+        return []
+
+    def tail(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else "…" + text[1 - width:]
+
+    def head(text: str) -> str:
+        text = " ".join(text.split())
+        return (text if len(text) <= width else text[:width - 1] + "…") or "(nothing)"
+
+    exact = sum(sample["exact"] for sample in samples)
+    lines = [f"generated (step {samples[0]['step']})".ljust(25) + f"{exact}/{len(samples)} exact, greedy"]
+    prompt_width = max(len(tail(sample["prompt"])) for sample in samples)
+    for sample in samples:
+        line = f"  {tail(sample['prompt']):<{prompt_width}}  → {head(sample['generated'])}"
+        lines.append(line if sample["exact"] else f"{line}   (expected {head(sample['expected'])})")
+    return lines
+
+
 def finish_run(cfg, trainer, tracker: ObjectiveTracker, model, tokenizer, output_dir: Path, weights=None) -> None:
     """Export, plot, log the objective and print the summary of a finished fit (rank 0 only). `weights`: the model's
     weights gathered from its FSDP shards by every rank, when it is sharded."""
     from tunelab.callbacks import TokenThroughputMonitor
-    from tunelab.checkpoint import export_pretrained
+    from tunelab.export import export_run
     from tunelab.logger import log_run_artifact
+    from tunelab.samples import GenerationSamples
 
-    if cfg.export and trainer.world_size > 1 and type(trainer.strategy).__name__ == "DeepSpeedStrategy":
-        # Rank 0 alone holds only its ZeRO-3 partition (accelerate PR #4206 is the same bug for FSDP).
-        print("export skipped: DeepSpeed partitions the model over ranks; convert its checkpoint with "
-              "deepspeed's zero_to_fp32.py", flush=True)
-    elif cfg.export:
-        export_pretrained(model, tokenizer, output_dir / "export", weights)
+    export = export_run(cfg, trainer, model, tokenizer, output_dir / "export", weights)
     plot = plot_loss_curves(tracker, output_dir / "loss_curves.png")
     logger = trainer.logger
     run_id = getattr(logger, "run_id", None)
@@ -93,6 +112,10 @@ def finish_run(cfg, trainer, tracker: ObjectiveTracker, model, tokenizer, output
         throughput.tokens_per_second if throughput else None,
     )
     lines.append(f"loss curves              {plot}")
+    if export is not None:
+        lines.append(f"export                   {export}   (python generate.py {output_dir} \"<prompt>\")")
+    samples = next((c for c in trainer.callbacks if isinstance(c, GenerationSamples)), None)
+    lines += sample_lines(samples.last if samples else [])
     write_objective(output_dir / "objective.json", tracker, trainer, run_id, throughput.tokens_per_second if throughput else None)
     print("\n".join(["", "── tunelab run summary " + "─" * 40, *lines, ""]), flush=True)
 
