@@ -231,7 +231,8 @@ def test_training_steps_between_logging_steps_never_sync(tmp_path, dataset_cache
     counter = HostSyncCounter(monkeypatch)
     callbacks = [*build_callbacks(cfg.callbacks), ObjectiveTracker("val/loss", "min"), counter]
     trainer = pl.Trainer(max_steps=12, log_every_n_steps=5, logger=pl.loggers.CSVLogger(tmp_path), callbacks=callbacks,
-                         enable_checkpointing=False, limit_val_batches=0, enable_model_summary=False,
+                         enable_checkpointing=True,  # the default callbacks' preemption checkpoint, no ModelCheckpoint
+                         limit_val_batches=0, enable_model_summary=False,
                          use_distributed_sampler=False, gradient_clip_val=1.0)
     trainer.fit(CausalLMModule(model, cfg.optim, loss=FusedLinearLoss(model, 4096, use_liger=False)),
                 datamodule=build_datamodule(cfg.data, tokenizer))

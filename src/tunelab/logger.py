@@ -71,6 +71,8 @@ def log_run_config(logger: Logger | None, cfg: DictConfig, extra: dict) -> None:
     if logger is None:
         return
     config = public_config(cfg)
+    if isinstance(logger, MLFlowLogger) and logger.experiment.get_run(logger.run_id).data.params:
+        return  # a preempted run, continued: its params are the first part's (MLflow refuses to change one, run_name's time)
     logger.log_hyperparams({**config, **extra})
     if isinstance(logger, MLFlowLogger):
         with tempfile.TemporaryDirectory() as tmp:
