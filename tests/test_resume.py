@@ -149,3 +149,14 @@ def test_a_sharded_checkpoint_directory_killed_mid_swap_resumes_the_previous_one
     strategy.save_checkpoint(sharded_checkpoint(30), checkpoints / "last.ckpt")
     assert torch.load(checkpoints / "last.ckpt" / "meta.pt")["global_step"] == 30
     assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]  # the killed swap's leftovers are gone
+
+
+def test_last_ckpt_is_the_latest_validation_even_when_the_objective_got_worse(tmp_path, dataset_cache):
+    # objective.mode=max on a falling val/loss: only the first validation is "best". Lightning 2.6 wrote last.ckpt only
+    # beside a new best, so ckpt_path=last went back to step 10 (tunelab.checkpoint.BestAndLastCheckpoint).
+    run_dir = tmp_path / "run"
+    run_train([*FAST, "objective.mode=max", "callbacks.early_stopping=null", "callbacks.samples=null", "export=false",
+               "logger=none"], run_dir, dataset_cache)
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step000010.ckpt"]
+    assert torch.load(checkpoints / "last.ckpt", weights_only=False)["global_step"] == 20

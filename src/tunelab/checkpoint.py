@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
 from omegaconf import DictConfig
@@ -89,6 +90,19 @@ def replace_directory(staging: Path, target: Path) -> None:
     else:
         os.replace(staging, target)
         fsync(target.parent)
+
+
+class BestAndLastCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, with `save_last` writing last.ckpt at every validation. Lightning 2.6 writes it only
+    in a step that also saved a top-k checkpoint, so once the objective stopped improving last.ckpt stayed at the best
+    step and `ckpt_path=last` resumed from there, repeating every step after it."""
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        # _should_skip_saving_checkpoint is also true where this step was saved already (top-k and last together).
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer) \
+                and not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
