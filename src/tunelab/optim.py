@@ -46,3 +46,10 @@ def warmup_cosine(total_steps: int, warmup: int, min_lr_ratio: float):
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, total_steps: int) -> LambdaLR:
     return LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps(cfg, total_steps), cfg.min_lr_ratio))
+
+
+def lr_area(steps: int, total_steps: int, warmup: int, min_lr_ratio: float) -> float:
+    """Learning-rate area after `steps` optimizer steps of a warmup-cosine schedule, in units of the peak LR: the sum
+    of the multipliers of the steps taken. Equal areas mean equal progress for trials whose schedules differ."""
+    multiplier = warmup_cosine(total_steps, warmup, min_lr_ratio)
+    return sum(multiplier(step) for step in range(steps))

@@ -99,6 +99,22 @@ class StudyLoop:
             s.hydra_context.config_loader.load_sweep_config(s.config, [f"{k}={v}" for k, v in probe.items()] + self.fixed_overrides)
         except Exception as error:
             raise SweepConfigError(f"the search space does not fit the config: {error}".splitlines()[0]) from error
+        self.check_pruner()
+
+    def check_pruner(self) -> None:
+        """Builds the pruner once, as each trial will, so a bad value is one line here rather than a failed trial."""
+        from tunelab.sweep.pruning import job_arguments
+
+        s = self.sweeper
+        try:
+            instantiate(s.pruner, **job_arguments(s.pruner, s.config.trainer.max_steps),
+                        _execution_whitelist_=["optuna.pruners.*", "tunelab.sweep.pruning.*"])
+        except Exception as error:
+            raise SweepConfigError(f"hydra.sweeper.pruner: {error.__cause__ or error}".splitlines()[0]) from error
+        longest = longest_warmup_ratio(self.space.get("optim.warmup_ratio"), s.config.optim.warmup_ratio)
+        if (ratio := s.pruner.get("max_warmup_ratio")) is not None and longest is not None and ratio < longest:
+            raise SweepConfigError(f"hydra.sweeper.pruner.max_warmup_ratio={ratio} is below the longest warm-up of the "
+                                   f"sweep, optim.warmup_ratio={longest}: the first rung must come after every warm-up")
 
     def run(self) -> None:
         from tunelab.sweep.storage import open_storage, public_location, this_worker
@@ -391,6 +407,15 @@ def grid_choices(space: dict) -> dict:
         return {name: OptunaSweeperImpl._to_grid_sampler_choices(d) for name, d in space.items()}
     except (ValueError, AssertionError) as error:
         raise SweepConfigError(f"sampler=grid needs choice() or range() params, not interval(): {error}") from error
+
+
+def longest_warmup_ratio(distribution, fixed: float | None) -> float | None:
+    """The largest optim.warmup_ratio a trial of the sweep can have: the search space's bound, else the config's."""
+    if distribution is None:
+        return fixed
+    if hasattr(distribution, "choices"):
+        return max(distribution.choices)
+    return distribution.high
 
 
 def first_value(distribution):

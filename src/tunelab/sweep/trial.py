@@ -18,6 +18,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.optim import lr_area, warmup_steps
+from tunelab.sweep.pruning import clock_step, job_arguments
 from tunelab.sweep.storage import open_storage, trial_id
 
 log = logging.getLogger(__name__)
@@ -34,16 +36,26 @@ TRIAL_NUMBER_ENV = "TUNELAB_TRIAL_NUMBER"  # set by hydra/launcher=torchrun on t
 class StudyTrialCallback(pl.Callback):
     """Reports each validation's objective to the trial and stops the run when the pruner says so."""
 
-    def __init__(self, trial: optuna.Trial, metric: str):
+    def __init__(self, trial: optuna.Trial, metric: str, lr_area_of: DictConfig | None = None):
         self.trial = trial
         self.metric = metric
+        self.lr_area_of = lr_area_of  # an optim config: report on its LR-area clock instead of the optimizer step
+        self.last_reported = -1
+
+    def clock(self, trainer: pl.Trainer) -> int:
+        if self.lr_area_of is None:
+            return trainer.global_step
+        total = int(self.lr_area_of.total_steps or trainer.estimated_stepping_batches)
+        area = lr_area(trainer.global_step, total, warmup_steps(self.lr_area_of, total), self.lr_area_of.min_lr_ratio)
+        self.last_reported = clock_step(area, self.last_reported)
+        return self.last_reported
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         prune = False
         if trainer.is_global_zero and (value := trainer.callback_metrics.get(self.metric)) is not None:
-            self.trial.report(float(value), step=trainer.global_step)
+            self.trial.report(float(value), step=self.clock(trainer))
             prune = self.trial.should_prune()
         # Every rank must stop together, or the ones still training wait forever in their next collective.
         if trainer.strategy.broadcast(prune, src=0):
@@ -77,15 +89,18 @@ def study_trial_callbacks(cfg: DictConfig, logger=None) -> list[pl.Callback]:
     is_trial = hydra.mode == RunMode.MULTIRUN or TRIAL_NUMBER_ENV in os.environ
     if not is_trial or hydra.sweeper.get("_target_") != SWEEPER_TARGET:
         return []
-    trial = open_trial(hydra.sweeper, hydra.job.num)
+    trial = open_trial(hydra.sweeper, hydra.job.num, cfg.trainer.max_steps)
     trial.set_user_attr(RUN_DIR_ATTR, str(cfg.paths.output_dir))  # where a re-run of this trial finds its checkpoint
     attach_run(trial, logger, OmegaConf.select(cfg, "logger.run_name"))
-    return [StudyTrialCallback(trial, cfg.objective.metric)]
+    lr_area_of = cfg.optim if hydra.sweeper.pruner.get("clock") == "lr_area" else None
+    return [StudyTrialCallback(trial, cfg.objective.metric, lr_area_of)]
 
 
-def open_trial(sweeper: DictConfig, number: int) -> optuna.Trial:
+def open_trial(sweeper: DictConfig, number: int, max_steps: int) -> optuna.Trial:
     storage = shared_storage(sweeper.storage)
-    study = optuna.load_study(study_name=sweeper.study_name, storage=storage, pruner=instantiate(sweeper.pruner, _execution_whitelist_=["optuna.pruners.*"]))
+    pruner = instantiate(sweeper.pruner, **job_arguments(sweeper.pruner, max_steps),
+                         _execution_whitelist_=["optuna.pruners.*", "tunelab.sweep.pruning.*"])
+    study = optuna.load_study(study_name=sweeper.study_name, storage=storage, pruner=pruner)
     return optuna.Trial(study, trial_id(storage, sweeper.study_name, number))
 
 

@@ -1,0 +1,159 @@
+"""Schedule-aligned pruning (issue 14): the divergence guard, rungs after the longest warm-up, the LR-area clock, its
+config check, and the offline replay that measures pruners on recorded curves."""
+
+import importlib.util
+import math
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+from tests.conftest import ROOT, subprocess_env
+from tunelab.optim import lr_area
+from tunelab.sweep.pruning import ScheduleAlignedPruner, rung_steps
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def study_with(curves: list[dict[int, float]], pruner=None) -> optuna.Study:
+    """An in-memory study whose finished trials reported these {step: loss} curves, ending at their last value."""
+    study = optuna.create_study(pruner=pruner or ScheduleAlignedPruner(max_steps=100, max_warmup_ratio=0.2))
+    for curve in curves:
+        trial = study.ask()
+        for step, loss in curve.items():
+            trial.report(loss, step)
+        study.tell(trial, curve[max(curve)])
+    return study
+
+
+def prunes_at(study: optuna.Study, curve: dict[int, float]) -> int | None:
+    """Replays one more trial's curve; the step it was pruned at, or None if it ran to the end."""
+    trial = study.ask()
+    for step, loss in curve.items():
+        trial.report(loss, step)
+        if trial.should_prune():
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return step
+    study.tell(trial, curve[max(curve)])
+    return None
+
+
+def test_a_non_finite_loss_is_pruned_at_once_even_during_warmup():
+    study = study_with([])
+
+    assert prunes_at(study, {10: 2.0, 20: math.nan}) == 20
+    assert prunes_at(study, {10: math.inf}) == 10
+
+
+def test_a_loss_at_or_above_the_first_validation_is_pruned_at_once():
+    study = study_with([])
+
+    assert prunes_at(study, {10: 2.0, 20: 2.0}) == 20
+    assert prunes_at(study, {10: 2.0, 20: 2.5}) == 20
+    assert prunes_at(study, {10: 2.0, 20: 1.9, 30: 1.8}) is None  # improving and alone at its rung: goes on
+
+
+def test_rungs_start_where_the_longest_warmup_ends():
+    assert rung_steps(max_steps=150, max_warmup_ratio=0.2, reduction_factor=2) == [30, 60, 120]
+    # A warm-up of W steps covers an LR area of W/2; a full schedule of T steps at least T/2.
+    assert rung_steps(max_steps=150, max_warmup_ratio=0.2, reduction_factor=2, clock="lr_area") == [15, 30, 60]
+    assert rung_steps(max_steps=100, max_warmup_ratio=0.0, reduction_factor=4) == [1, 4, 16, 64]
+
+
+def test_no_trial_is_pruned_by_comparison_before_the_first_rung():
+    good = {10: 1.0, 20: 0.5, 30: 0.4, 40: 0.3}
+    study = study_with([good] * 4)
+
+    # Far worse than every other trial, but still improving: nothing decides before step 20 (rung at 0.2 x 100).
+    assert prunes_at(study, {10: 3.0, 19: 2.9}) is None
+    assert prunes_at(study, {10: 3.0, 20: 2.9}) == 20
+
+
+def test_at_a_rung_the_better_half_goes_on_and_the_worse_half_stops():
+    study = study_with([{10: 2.0, 20: loss} for loss in (1.0, 2.0 - 1e-3, 1.5)])
+
+    # Four trials at rung 20 (this one included): the best two go on.
+    assert prunes_at(study, {10: 2.0, 20: 1.2}) is None   # second best
+    assert prunes_at(study, {10: 2.0, 20: 1.6}) == 20     # fourth of five
+
+
+def test_a_rung_waits_for_n_min_trials():
+    study = study_with([{20: 1.0}], ScheduleAlignedPruner(max_steps=100, max_warmup_ratio=0.2, n_min_trials=3))
+
+    assert prunes_at(study, {10: 3.0, 20: 2.9}) is None  # two trials at the rung: too few to decide
+    assert prunes_at(study, {10: 3.0, 20: 2.95}) == 20   # three: the worst of them stops (ceil(3/2) = 2 go on)
+
+
+def test_lr_area_clock_is_monotone_and_counts_steps_at_a_constant_lr():
+    areas = [lr_area(step, total_steps=150, warmup=30, min_lr_ratio=0.1) for step in range(151)]
+
+    assert all(b > a for a, b in zip(areas, areas[1:]))
+    assert areas[30] == pytest.approx(15.0)  # the warm-up's area: half its steps
+    assert [lr_area(step, 150, warmup=0, min_lr_ratio=1.0) for step in (0, 25, 150)] == [0, 25, 150]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("hydra.sweeper.pruner.reduction_factor=1", "hydra.sweeper.pruner: reduction_factor=1 must be an integer >= 2"),
+    ("hydra.sweeper.pruner.clock=epoch", "hydra.sweeper.pruner: clock=epoch is not one of: step, lr_area"),
+    ("hydra.sweeper.pruner.max_warmup_ratio=0.1",
+     "hydra.sweeper.pruner.max_warmup_ratio=0.1 is below the longest warm-up of the sweep, optim.warmup_ratio=0.2"),
+])
+def test_a_bad_schedule_aligned_setting_is_one_error_line(tmp_path, override, message):
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "sweep=lora_search", "hydra/sweeper/pruner=schedule_aligned",
+               f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+               override]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=subprocess_env(tmp_path, tmp_path / "cache"))
+
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(f"tunelab: error: {message}"), result.stderr[-2000:]
+    assert not (tmp_path / "optuna.db").exists()
+
+
+@pytest.fixture(scope="module")
+def replay():
+    spec = importlib.util.spec_from_file_location("pruning_replay", ROOT / "benchmarks" / "pruning_replay.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic_curves() -> dict:
+    """A recorded-curve set on a grid of the lora_search space: the loss falls faster with the LR up to 3e-3, the rank
+    helps a little, and lr 3e-2 diverges after its warm-up."""
+    curves = []
+    for lr in (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2):
+        for rank in (4, 8, 16, 32):
+            for warmup_ratio in (0.0, 0.1, 0.2):
+                warmup, floor = round(warmup_ratio * 60), 0.4 + 0.1 * abs(math.log10(lr / 3e-3)) - 0.005 * math.log2(rank)
+                points = []
+                for step in range(10, 61, 10):
+                    area = lr_area(step, 60, warmup, 0.1)
+                    loss = math.nan if lr == 3e-2 and step > warmup else floor + 2.0 * math.exp(-area * lr * 300)
+                    points.append([step, area, loss])
+                curves.append({"params": {"optim.lr": lr, "peft.r": rank, "optim.warmup_ratio": warmup_ratio},
+                               "points": points})
+    return {"max_steps": 60, "max_warmup_ratio": 0.2, "curves": curves}
+
+
+def test_the_unpruned_replay_spends_every_trial_step_and_has_no_regret(replay):
+    results = replay.replay(synthetic_curves(), samplers=("tpe",), pruners=("none",), seeds=range(2), n_trials=8)
+
+    assert results["tpe", "none"] == [{"share": 1.0, "regret": 0.0}] * 2
+
+
+def test_the_replay_is_deterministic_for_a_seed_and_pruning_saves_steps(replay):
+    args = dict(samplers=("tpe", "random"), pruners=("none", "schedule_aligned"), seeds=range(2), n_trials=10)
+    first, second = replay.replay(synthetic_curves(), **args), replay.replay(synthetic_curves(), **args)
+
+    assert first == second
+    assert all(run["share"] < 1 for run in first["random", "schedule_aligned"])  # the diverging lr 3e-2 stops early
+
+
+def test_rank_correlation_is_reported_per_rung_on_both_clocks(replay):
+    taus = replay.rank_correlations(synthetic_curves())
+
+    assert [rung for clock, rung in taus if clock == "step"] == [10, 20, 30, 40, 50]
+    assert [rung for clock, rung in taus if clock == "lr_area"] == [6, 12, 24]
+    assert all(-1 <= tau <= 1 for tau in taus.values())
