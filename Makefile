@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-gpu services ui bench bench-scale-out bench-sweep bench-cli clean
+.PHONY: install train test test-gpu services ui bench bench-scale-out bench-sweep bench-pruning bench-cli clean
 
 install: $(VENV)/.installed
 
@@ -55,6 +55,14 @@ bench-scale-out: install
 # Sweep efficiency on the embedded task: 20 trials without and with pruning (about 15 minutes on 2 CPU cores).
 bench-sweep: install
 	bash benchmarks/sweep_efficiency.sh
+
+# Pruners replayed offline (issue 14): 10 seeds per sampler x pruner on recorded validation curves, in minutes. The
+# curves are recorded first where benchmarks/pruning_curves.json is missing: 140 LoRA configurations of 150 steps on
+# the tiny task, 7x the trials of bench-sweep's unpruned sweep (resumable: the study in $(CURVES_WORK) is the cache).
+CURVES_WORK ?= /tmp/tunelab-pruning-curves
+bench-pruning: install
+	test -f benchmarks/pruning_curves.json || $(PY) benchmarks/record_curves.py --work $(CURVES_WORK)
+	$(PY) benchmarks/pruning_replay.py benchmarks/pruning_curves.json --seeds 10
 
 # Start-up of the command line: `train.py --help` and a config error against `import lightning` (issue 13; ~1 minute).
 bench-cli: install

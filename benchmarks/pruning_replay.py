@@ -95,7 +95,7 @@ def first_validation_after_warmup(recorded: dict) -> int:
 
 
 def replay_sweep(recorded: dict, space: dict, sampler: str, pruner: str, seed: int, n_trials: int) -> dict:
-    """One sweep: {"best": best final loss of the complete trials, "trial_steps": steps trained over all trials}."""
+    """One sweep: {"best": best objective of the complete trials, "trial_steps": steps trained over all trials}."""
     import optuna
 
     from tunelab.sweep.pruning import clock_step
@@ -114,10 +114,9 @@ def replay_sweep(recorded: dict, space: dict, sampler: str, pruner: str, seed: i
             if trial.should_prune():
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 break
-        else:  # a NaN/inf objective fails the trial, as in the sweeper
-            final = points[-1][2]
-            if math.isfinite(final):
-                study.tell(trial, final)
+        else:  # the objective is the best validation (tunelab.callbacks.ObjectiveTracker); NaN/inf fails the trial
+            if math.isfinite(points[-1][2]):
+                study.tell(trial, min(loss for _, _, loss in points))
             else:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
         trial_steps += step
