@@ -157,3 +157,40 @@ def test_rank_correlation_is_reported_per_rung_on_both_clocks(replay):
     assert [rung for clock, rung in taus if clock == "step"] == [10, 20, 30, 40, 50]
     assert [rung for clock, rung in taus if clock == "lr_area"] == [6, 12, 24]
     assert all(-1 <= tau <= 1 for tau in taus.values())
+
+
+def test_a_trial_reports_its_validations_on_the_lr_area_clock_of_its_own_schedule():
+    import lightning.pytorch as pl
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from omegaconf import OmegaConf
+
+    import torch
+
+    from tunelab.optim import build_scheduler
+    from tunelab.sweep.trial import StudyTrialCallback
+
+    optim = OmegaConf.create({"total_steps": None, "warmup_steps": None, "warmup_ratio": 0.2, "min_lr_ratio": 0.1})
+    peak, lrs = 0.1, []
+
+    class LoggingModel(BoringModel):  # trained with tunelab's schedule, recording the LR of every step
+        def configure_optimizers(self):
+            optimizer = torch.optim.SGD(self.parameters(), lr=peak)
+            scheduler = build_scheduler(optimizer, optim, int(self.trainer.estimated_stepping_batches))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+        def on_train_batch_start(self, batch, batch_idx):
+            lrs.append(self.optimizers().param_groups[0]["lr"])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/loss", self.step(batch))
+
+    study = optuna.create_study(pruner=optuna.pruners.NopPruner())
+    trial = study.ask()
+    trainer = pl.Trainer(max_steps=20, val_check_interval=5, limit_val_batches=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         callbacks=[StudyTrialCallback(trial, "val/loss", lr_area_of=optim)])
+    trainer.fit(LoggingModel())
+
+    # Validations at steps 5, 10, 15, 20 report at the LR area the run had covered: the sum of its LRs / peak LR.
+    assert len(lrs) == 20
+    assert sorted(study.trials[0].intermediate_values) == [round(sum(lrs[:s]) / peak) for s in (5, 10, 15, 20)]
