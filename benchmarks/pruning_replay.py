@@ -100,7 +100,8 @@ def replay_sweep(recorded: dict, space: dict, sampler: str, pruner: str, seed: i
 
     from tunelab.sweep.pruning import clock_step
 
-    study = optuna.create_study(direction="minimize", pruner=build_pruner(pruner, recorded))
+    # Named: HyperbandPruner assigns brackets from a hash of the study name, and an unnamed study gets a random one.
+    study = optuna.create_study(study_name=f"replay-{seed}", direction="minimize", pruner=build_pruner(pruner, recorded))
     on_lr_area = getattr(study.pruner, "clock", "step") == "lr_area"
     trial_steps = 0
     for number in range(n_trials):

@@ -144,7 +144,7 @@ def test_the_unpruned_replay_spends_every_trial_step_and_has_no_regret(replay):
 
 
 def test_the_replay_is_deterministic_for_a_seed_and_pruning_saves_steps(replay):
-    args = dict(samplers=("tpe", "random"), pruners=("none", "schedule_aligned"), seeds=range(2), n_trials=10)
+    args = dict(samplers=("tpe", "random"), pruners=("none", "hyperband", "schedule_aligned"), seeds=range(2), n_trials=10)
     first, second = replay.replay(synthetic_curves(), **args), replay.replay(synthetic_curves(), **args)
 
     assert first == second
