@@ -46,12 +46,19 @@ def test_a_non_finite_loss_is_pruned_at_once_even_during_warmup():
     assert prunes_at(study, {10: math.inf}) == 10
 
 
-def test_a_loss_at_or_above_the_first_validation_is_pruned_at_once():
-    study = study_with([])
+def test_a_loss_at_or_above_the_first_validation_is_pruned_at_once_after_the_warmup():
+    study = study_with([])  # the longest warm-up ends at step 20 (0.2 x 100)
 
     assert prunes_at(study, {10: 2.0, 20: 2.0}) == 20
-    assert prunes_at(study, {10: 2.0, 20: 2.5}) == 20
+    assert prunes_at(study, {10: 2.0, 20: 1.5, 30: 2.5}) == 30  # not at a rung: the guard does not wait for one
     assert prunes_at(study, {10: 2.0, 20: 1.9, 30: 1.8}) is None  # improving and alone at its rung: goes on
+
+
+def test_a_flat_loss_during_the_warmup_is_not_pruned():
+    study = study_with([])
+
+    # A small LR early in a warm-up may not move the loss yet: only a non-finite one stops the trial there.
+    assert prunes_at(study, {5: 2.0, 10: 2.01, 15: 2.0, 20: 1.8}) is None
 
 
 def test_rungs_start_where_the_longest_warmup_ends():

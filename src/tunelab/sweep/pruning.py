@@ -16,13 +16,18 @@ from optuna.trial import TrialState
 CLOCKS = ("step", "lr_area")
 
 
+def warmup_end(max_steps: int, max_warmup_ratio: float, clock: str = "step") -> int:
+    """Where the longest warm-up has ended on `clock`: a warm-up of W steps covers an LR area of W/2."""
+    warmup = max_warmup_ratio * max_steps
+    return max(1, math.ceil(warmup if clock == "step" else warmup / 2))
+
+
 def rung_steps(max_steps: int, max_warmup_ratio: float, reduction_factor: int, clock: str = "step") -> list[int]:
     """The rungs on `clock`: the first where the longest warm-up ends, each next one reduction_factor times further,
-    all before the end of a trial. A warm-up of W steps covers an LR area of W/2, and a full schedule of T steps an area
-    of at least T/2 (cosine to min_lr_ratio >= 0), so on the lr_area clock the rungs lie in [W/2, T/2)."""
-    warmup = max_warmup_ratio * max_steps
-    first, end = (warmup, max_steps) if clock == "step" else (warmup / 2, max_steps / 2)
-    rung, rungs = max(1, math.ceil(first)), []
+    all before the end of a trial. A full schedule of T steps covers an LR area of at least T/2 (cosine to
+    min_lr_ratio >= 0), so on the lr_area clock the rungs lie in [W/2, T/2)."""
+    end = max_steps if clock == "step" else max_steps / 2
+    rung, rungs = warmup_end(max_steps, max_warmup_ratio, clock), []
     while rung < end:
         rungs.append(rung)
         rung *= reduction_factor
@@ -43,7 +48,8 @@ def value_at(values: dict[int, float], rung: int) -> float | None:
 
 
 class ScheduleAlignedPruner(BasePruner):
-    """Prunes a trial at once when its objective is not finite or no better than at its first validation (diverged);
+    """Prunes a trial at once when its objective is not finite, or, once the longest warm-up has ended, no better than
+    at its first validation (diverged or stuck: during a warm-up the LR may still be too small to move the loss);
     otherwise only at rungs, keeping the best 1/reduction_factor (rounded up) of the trials that reached the rung.
 
     max_steps: a trial's step budget (trainer.max_steps). max_warmup_ratio: the longest warm-up in the search space, as
@@ -66,6 +72,7 @@ class ScheduleAlignedPruner(BasePruner):
         self.clock = clock
         self.reduction_factor = reduction_factor
         self.n_min_trials = n_min_trials
+        self.warmup_end = warmup_end(max_steps, max_warmup_ratio, clock)
         self.rungs = rung_steps(max_steps, max_warmup_ratio, reduction_factor, clock)
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
@@ -78,7 +85,7 @@ class ScheduleAlignedPruner(BasePruner):
         if not math.isfinite(value):
             return True
         first = min(values)
-        if step != first and sign * value >= sign * values[first]:
+        if step >= self.warmup_end and step != first and sign * value >= sign * values[first]:
             return True
         rung = self.rung_decided_at(values, step)
         if rung is None:
