@@ -91,7 +91,7 @@ def test_option_composes_validates_and_builds(group, option, tmp_path, dataset_c
 def test_a_callback_switches_off_by_override(tmp_path, dataset_cache):
     cfg = compose_config(["callbacks.early_stopping=null"], tmp_path, dataset_cache)
     names = {type(c).__name__ for c in build_callbacks(cfg.callbacks)}
-    assert "EarlyStopping" not in names and {"ModelCheckpoint", "GradNormMonitor", "TokenThroughputMonitor"} <= names
+    assert "EarlyStopping" not in names and {"BestAndLastCheckpoint", "GradNormMonitor", "TokenThroughputMonitor"} <= names
 
 
 def test_hub_model_option_loads_a_local_directory(tmp_path, dataset_cache):
