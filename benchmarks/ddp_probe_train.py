@@ -3,8 +3,9 @@
 Each rank appends one JSON line per training step to $PROBE_DIR/rank<R>.jsonl: its own loss, the norm and finiteness
 of its own gradient buckets before DDP's all-reduce (through a comm hook) and of the reduced gradients after it, a
 checksum of the trainable weights (equal on every rank unless the replicas drift apart), and with PROBE_ACTIVATIONS=1
-the largest |activation| out of each decoder layer. PROBE_DUMP_STEP=N saves each rank's batch and trainable weights
-as that step starts (rank<R>_step<N>.pt), to replay one rank's step on one GPU. For anomaly mode pass
+the largest |activation| out of each decoder layer. PROBE_DUMP_STEP=N saves each rank's batch, trainable weights and
+RNG states as that step starts (rank<R>_step<N>.pt), to replay one rank's step on one GPU
+(benchmarks/replay_rank_step.py). For anomaly mode pass
 `+trainer.detect_anomaly=true`: Lightning runs fit inside set_detect_anomaly(trainer.detect_anomaly), which turns
 off a mode switched on outside it (as this script once did, finding nothing). Host syncs every step: a diagnostic,
 not a benchmark.
@@ -67,8 +68,11 @@ class RankProbe(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if str(trainer.global_step) == os.environ.get("PROBE_DUMP_STEP"):
             trainable = {n: p.detach().cpu() for n, p in pl_module.named_parameters() if p.requires_grad}
+            frozen = sum(float(p.detach().float().sum()) for p in pl_module.parameters() if not p.requires_grad)
             torch.save({"batch": {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
-                        "trainable": trainable, "step": trainer.global_step},
+                        "trainable": trainable, "frozen_sum": frozen, "step": trainer.global_step,
+                        "cpu_rng": torch.get_rng_state(),
+                        "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
                        self.directory / f"rank{trainer.global_rank}_step{trainer.global_step}.pt")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
