@@ -7,7 +7,10 @@ import math
 import mlflow
 import torch
 
-from tests.conftest import FAST, run_train
+from tests.conftest import FAST, compose_config, run_train
+from tunelab.char_tokenizer import build_char_tokenizer
+from tunelab.model import build_model
+from tunelab.peft import apply_peft
 
 
 def only_run(uri: str):
@@ -87,3 +90,49 @@ def test_divergence_in_a_multi_process_run_ends_every_rank_with_the_line_and_no_
         result.stderr[-3000:]
     _, run = only_run(uri)
     assert run.info.status == "FAILED"
+
+
+def input_gradients_of_a_row_starting_with(token: int, overrides: list[str], tmp_path, cache) -> torch.Tensor:
+    """|d loss / d input embedding| at each position of a row that starts with `token`, through 16 layers."""
+    cfg = compose_config(["model.config.num_hidden_layers=16", *overrides], tmp_path, cache)
+    tokenizer = build_char_tokenizer()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.precision, tokenizer)
+    ids = torch.randint(len(tokenizer.all_special_ids), len(tokenizer), (1, 64))
+    ids[0, 0] = token
+    embeddings = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+    model(inputs_embeds=embeddings, labels=ids).loss.backward()
+    return embeddings.grad[0].norm(dim=-1)
+
+
+def test_a_row_starting_with_a_zero_embedding_token_keeps_the_gradient_finite(tmp_path, dataset_cache, caplog):
+    # Issue 12, part 1: a 4-GPU LoRA run went NaN at step 11 with every loss finite. Rank 3's batch held a row
+    # starting with <pad>, whose embedding a random init zeroes. A zero row keeps that position's hidden state zero
+    # in every layer, where RMSNorm's backward multiplies the gradient by 1/sqrt(eps): it grew ~4000x a layer and
+    # overflowed at layer 1, and the adapters of layers 0-2 got inf x 0 = NaN.
+    pad = build_char_tokenizer().pad_token_id
+    trapped = input_gradients_of_a_row_starting_with(pad, ["model.zero_embeddings=keep"], tmp_path, dataset_cache)
+    assert not torch.isfinite(trapped[0])  # the trap, on the CPU and in float32 too
+    filled = input_gradients_of_a_row_starting_with(pad, [], tmp_path, dataset_cache)
+    assert torch.isfinite(filled).all() and filled[0] < 10 * filled[1:].max()  # <pad> starts a row like any token
+    assert "1 token embedding was all zero: '<pad>' (0)" in caplog.text
+
+
+def test_untrained_token_rows_of_a_released_model_are_filled_the_same_on_every_load(tmp_path, dataset_cache):
+    # A checkpoint whose special tokens were never trained (all-zero rows) loads with those rows filled, the same
+    # rows each time, so that a resumed run, an export and generate.py see the embedding the adapters trained on.
+    tokenizer = build_char_tokenizer()
+    cfg = compose_config([], tmp_path, dataset_cache)
+    model = build_model(cfg.model, cfg.precision, tokenizer)
+    untrained = [tokenizer.eos_token_id, tokenizer.unk_token_id]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[untrained] = 0
+    model.save_pretrained(tmp_path / "base")
+    cfg = compose_config(["model.init=pretrained", f"model.name_or_path={tmp_path / 'base'}"], tmp_path, dataset_cache)
+    loads = [build_model(cfg.model, cfg.precision, tokenizer).get_input_embeddings().weight for _ in range(2)]
+    rows = loads[0][untrained]
+    assert torch.equal(rows, loads[1][untrained])
+    scale = loads[0][len(tokenizer.all_special_ids):len(tokenizer)].norm(dim=1).mean()
+    assert ((rows.norm(dim=1) > 0.5 * scale) & (rows.norm(dim=1) < 2 * scale)).all()
+    others = [i for i in range(len(tokenizer)) if i not in untrained and i != tokenizer.pad_token_id]
+    assert torch.equal(loads[0][others], model.get_input_embeddings().weight[others])  # trained rows untouched

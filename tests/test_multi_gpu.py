@@ -124,20 +124,24 @@ def test_one_gpu_trials_run_side_by_side_on_disjoint_gpus(tmp_path, dataset_cach
     assert all(gpu for _, gpu in events[:2])  # both started before either ended
 
 
-@pytest.mark.skipif(torch.cuda.device_count() < 4, reason="needs 4 CUDA GPUs")
-@pytest.mark.xfail(reason="issue 12, open: rank 3's gradient turns NaN at step 11 from finite losses (BENCHMARKS.md)")
-def test_ddp_lora_on_four_gpus_stays_finite_and_follows_one_gpu(tmp_path, dataset_cache):
-    # Issue 12: on 4 H100s this run's gradient turned NaN at step 11 on one rank while every loss was finite, whatever
-    # the kernels, cuDNN attention or DDP's stream; one GPU with the same settings stayed finite.
-    common = ["model=llama1b", "model.init=random", "model.tokenizer=char", "data=random_tokens", "precision=bf16_true",
-              "peft=lora", "logger=csv", "callbacks.early_stopping=null", "callbacks.progress_bar=null",
-              "callbacks.model_checkpoint=null", "export=false", "trainer.max_steps=30", "trainer.val_check_interval=30",
-              "trainer.log_every_n_steps=1"]
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_ddp_lora_on_several_gpus_stays_finite_and_follows_one_gpu(tmp_path, dataset_cache):
+    # Issue 12: on 4 H100s this run's gradient turned NaN at step 11 on one rank while every loss was finite: its batch
+    # held a row starting with <pad>, whose embedding the random init had zeroed (tunelab.model.fill_zero_embeddings).
+    # That row comes at step 11 on 4 GPUs, step 21 on 2, step 41 on one; at the issue's learning rate, 3e-3, the
+    # adapters have grown enough by then for the gradient to overflow.
+    gpus = 4 if torch.cuda.device_count() >= 4 else 2
+    common = ["model=llama1b", "optim.lr=3e-3", "model.init=random", "model.tokenizer=char", "data=random_tokens",
+              "precision=bf16_true", "peft=lora", "logger=csv", "callbacks.early_stopping=null",
+              "callbacks.progress_bar=null", "callbacks.model_checkpoint=null", "export=false", "trainer.max_steps=30",
+              "trainer.val_check_interval=30", "trainer.log_every_n_steps=1"]
     runs = {}
-    for name, placement in (("one", ["trainer.devices=1"]), ("four", ["strategy=ddp", "trainer.devices=4"])):
+    for name, placement in (("one", ["trainer.devices=1"]), ("ddp", ["strategy=ddp", f"trainer.devices={gpus}"])):
         run_train([*common, *placement], tmp_path / name, dataset_cache, timeout=RUN_LIMIT)  # a NaN ends it non-zero
         rows = list(csv.DictReader((tmp_path / name / "csv" / "version_0" / "metrics.csv").open()))
         runs[name] = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
-    assert len(runs["four"]) == 30 and all(map(math.isfinite, runs["four"]))
-    # Four GPUs average four times the rows a step, so the curves are close, not equal (seen: within 2% at step 30).
-    assert runs["four"][-1] == pytest.approx(runs["one"][-1], rel=0.05)
+    print(f"train/loss at steps 10, 20, 30 (ddp: {gpus} GPUs):",
+          {name: [round(losses[i], 4) for i in (9, 19, 29) if i < len(losses)] for name, losses in runs.items()})
+    assert len(runs["ddp"]) == 30 and all(map(math.isfinite, runs["ddp"]))
+    # Several GPUs average more rows a step, so the curves are close, not equal.
+    assert runs["ddp"][-1] == pytest.approx(runs["one"][-1], rel=0.05)

@@ -131,6 +131,7 @@ FIELDS: dict[str, Rule | OneOf | ListOf | AnyOf] = {
     "model.dtype": OneOf(None, "float32", "bfloat16", "float16"),
     "model.attn_implementation": Rule(str),
     "model.gradient_checkpointing": Rule(bool),
+    "model.zero_embeddings": OneOf("fill", "keep"),
     "model.trust_remote_code": Rule(bool),
     "model.config": Rule(dict, null=True),
     "model.recommended_lr.full": Rule(float, "> 0"),

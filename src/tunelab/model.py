@@ -68,6 +68,8 @@ def build_model(cfg: DictConfig, precision_cfg: DictConfig, tokenizer: PreTraine
                 attn_implementation=attention,
                 trust_remote_code=cfg.trust_remote_code,
             )
+    if cfg.get("zero_embeddings", "fill") == "fill":
+        fill_zero_embeddings(model, tokenizer)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the old name warns there
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -75,6 +77,38 @@ def build_model(cfg: DictConfig, precision_cfg: DictConfig, tokenizer: PreTraine
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+@torch.no_grad()
+def fill_zero_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Gives the tokenizer's tokens whose input embedding is zero (below what RMSNorm's epsilon can see) a row drawn
+    like the others: their mean plus noise of their per-dimension spread, from a fixed seed, so every load of the
+    same model fills the same rows. Returns the token ids filled.
+
+    A zero row is a trap for training: a sequence that starts with such a token (a padding row of a randomly
+    initialised model, which transformers zeroes; an untrained special token of a released checkpoint) keeps an
+    all-zero hidden state through every layer, where RMSNorm's backward multiplies the gradient by 1/sqrt(eps) —
+    about 300 — layer after layer. Its loss stays finite while the gradient overflows to inf and NaN (issue 12:
+    step 11 of a 4-GPU LoRA run, whose rank 3 drew a row starting with <pad>)."""
+    weight = model.get_input_embeddings().weight
+    if weight.is_meta or weight.dim() != 2:
+        return []
+    rows = weight[: min(len(tokenizer), weight.size(0))].float()
+    eps = getattr(model.config, "rms_norm_eps", None) or getattr(model.config, "layer_norm_eps", None) or 1e-6
+    zero = rows.pow(2).mean(dim=1).sqrt() < 1e-2 * eps ** 0.5
+    if not zero.any() or zero.all():
+        return []
+    trained = rows[~zero]
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    noise = torch.randn(int(zero.sum()), rows.size(1), generator=generator).to(rows.device)
+    filled = zero.nonzero().flatten()
+    weight[filled] = (trained.mean(dim=0) + noise * trained.std(dim=0)).to(weight.dtype)
+    ids = filled.tolist()
+    names = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} ({i})" for i in ids[:5])
+    log.warning("model: %d token embedding%s all zero: %s%s; filled with the mean of the others plus noise, since a "
+                "sequence starting with one would overflow the gradient (model.zero_embeddings=keep leaves them)",
+                len(ids), " was" if len(ids) == 1 else "s were", names, " ..." if len(ids) > 5 else "")
+    return ids
 
 
 def architecture_config(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase):
