@@ -56,13 +56,13 @@ bench-scale-out: install
 bench-sweep: install
 	bash benchmarks/sweep_efficiency.sh
 
-# Pruners replayed offline (issue 14): 10 seeds per sampler x pruner on recorded validation curves, in minutes. The
+# Pruners replayed offline (issue 14): 40 seeds per sampler x pruner on recorded validation curves, in minutes. The
 # curves are recorded first where benchmarks/pruning_curves.json is missing: 140 LoRA configurations of 150 steps on
 # the tiny task, 7x the trials of bench-sweep's unpruned sweep (resumable: the study in $(CURVES_WORK) is the cache).
 CURVES_WORK ?= /tmp/tunelab-pruning-curves
 bench-pruning: install
 	test -f benchmarks/pruning_curves.json || $(PY) benchmarks/record_curves.py --work $(CURVES_WORK)
-	$(PY) benchmarks/pruning_replay.py benchmarks/pruning_curves.json --seeds 10
+	$(PY) benchmarks/pruning_replay.py benchmarks/pruning_curves.json --seeds 40
 
 # Start-up of the command line: `train.py --help` and a config error against `import lightning` (issue 13; ~1 minute).
 bench-cli: install

@@ -30,6 +30,7 @@ PRUNERS = {
     "hyperband": ("hyperband", {}),
     "schedule_aligned": ("schedule_aligned", {}),
     "schedule_aligned_lr_area": ("schedule_aligned", {"clock": "lr_area"}),
+    "nearest_bound": ("nearest_bound", {}),
 }
 
 

@@ -1,5 +1,6 @@
-"""Schedule-aligned pruning (issue 14): the divergence guard, rungs after the longest warm-up, the LR-area clock, its
-config check, and the offline replay that measures pruners on recorded curves."""
+"""tunelab's pruners (issue 14): the nearest-trial bound that sweep=lora_search uses, schedule-aligned pruning (the
+divergence guard, rungs after the longest warm-up, the LR-area clock), their config checks, and the offline replay that
+measures pruners on recorded curves."""
 
 import importlib.util
 import math
@@ -11,7 +12,7 @@ import pytest
 
 from tests.conftest import ROOT, subprocess_env
 from tunelab.optim import lr_area
-from tunelab.sweep.pruning import ScheduleAlignedPruner, rung_steps
+from tunelab.sweep.pruning import NearestTrialBoundPruner, ScheduleAlignedPruner, rung_steps
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -116,6 +117,97 @@ def test_a_bad_schedule_aligned_setting_is_one_error_line(tmp_path, override, me
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(f"tunelab: error: {message}"), result.stderr[-2000:]
     assert not (tmp_path / "optuna.db").exists()
+
+
+LR = {"optim.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
+
+
+def lr_study(curves: dict[float, dict[int, float]], direction: str = "minimize", n_min_trials: int = 4) -> optuna.Study:
+    """Finished trials at these learning rates, each with its {step: loss} curve; its objective is the last value."""
+    study = optuna.create_study(direction=direction, pruner=NearestTrialBoundPruner(n_min_trials))
+    for lr, curve in curves.items():
+        trial = fixed_trial(study, lr)
+        for step, loss in curve.items():
+            trial.report(loss, step)
+        study.tell(trial, curve[max(curve)])
+    return study
+
+
+def fixed_trial(study: optuna.Study, lr: float) -> optuna.Trial:
+    study.enqueue_trial({"optim.lr": lr})
+    return study.ask(LR)
+
+
+def prunes_at_lr(study: optuna.Study, lr: float, curve: dict[int, float]) -> int | None:
+    trial = fixed_trial(study, lr)
+    for step, loss in curve.items():
+        trial.report(loss, step)
+        if trial.should_prune():
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return step
+    study.tell(trial, curve[max(curve)])
+    return None
+
+
+# Under a decaying schedule a high learning rate lags at first and ends best; a low one leads early and stalls.
+LOW, HIGH = {25: 0.50, 50: 0.49, 100: 0.48}, {25: 0.60, 50: 0.55, 100: 0.44}
+FINISHED = {1e-4: LOW, 2e-4: {25: 0.51, 50: 0.50, 100: 0.49}, 1e-2: HIGH, 3e-4: {25: 0.52, 50: 0.51, 100: 0.50}}
+
+
+def test_nearest_bound_keeps_a_lagging_high_lr_trial_that_its_neighbour_says_can_still_win():
+    study = lr_study(FINISHED)
+    lagging = {25: 0.59, 50: 0.54, 100: 0.43}  # at step 25: 0.59 x 0.44 / 0.60 = 0.433, below the best 0.44
+
+    assert prunes_at_lr(study, 1.2e-2, lagging) is None
+    median = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=4))
+    for trial in study.trials:
+        median.add_trial(trial)
+    assert prunes_at_lr(median, 1.2e-2, lagging) == 25  # ranked at step 25 it is the worst: the median pruner stops it
+
+
+def test_nearest_bound_prunes_a_trial_that_could_not_beat_the_best_at_its_neighbours_pace():
+    study = lr_study(FINISHED)
+
+    assert prunes_at_lr(study, 1.1e-4, {25: 0.50, 50: 0.49, 100: 0.48}) == 25  # 0.50 x 0.48 / 0.50 = 0.48 > 0.44
+    assert prunes_at_lr(study, 1.1e-2, {25: 0.62, 50: 0.56, 100: 0.45}) == 25  # 0.62 x 0.44 / 0.60 = 0.455
+    assert prunes_at_lr(study, 1.1e-2, {25: 0.58, 50: 0.56, 100: 0.45}) == 50  # 0.58 passes; 0.56 x 0.44 / 0.55 not
+
+
+def test_nearest_bound_waits_for_n_min_complete_trials_and_prunes_a_non_finite_value_at_once():
+    study = lr_study({1e-2: HIGH, 1e-4: LOW}, n_min_trials=3)
+
+    assert prunes_at_lr(study, 1.1e-4, {25: 0.9, 50: 0.9, 100: 0.9}) is None  # two complete trials: no decision yet
+    assert prunes_at_lr(study, 1.1e-4, {25: math.nan}) == 25
+    assert prunes_at_lr(study, 1.1e-4, {25: 0.9, 50: 0.9, 100: 0.9}) == 25  # three complete now
+
+
+def test_nearest_bound_never_prunes_at_the_last_validation_and_keeps_ties():
+    study = lr_study(FINISHED)
+
+    assert prunes_at_lr(study, 1.2e-2, {100: 0.47}) is None  # only a final validation: it saves nothing
+    assert prunes_at_lr(study, 1e-2, HIGH) is None  # the best trial's params again: projected onto the best exactly
+
+
+def test_nearest_bound_follows_the_study_direction():
+    flipped = {lr: {step: 1 - loss for step, loss in curve.items()} for lr, curve in FINISHED.items()}
+    study = lr_study(flipped, direction="maximize")
+
+    assert prunes_at_lr(study, 1.2e-2, {25: 0.41, 50: 0.46, 100: 0.57}) is None
+    assert prunes_at_lr(study, 1.1e-4, {25: 0.50, 50: 0.51, 100: 0.52}) == 25
+
+
+def test_lora_search_prunes_with_the_nearest_bound_and_names_a_bad_setting_in_one_line(tmp_path):
+    from tests.conftest import compose_config
+
+    cfg = compose_config(["sweep=lora_search"], tmp_path, tmp_path / "cache")
+    assert cfg.hydra.sweeper.pruner._target_ == "tunelab.sweep.pruning.NearestTrialBoundPruner"
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "sweep=lora_search", "hydra.sweeper.pruner.n_min_trials=0",
+               f"hydra.sweeper.storage=sqlite:///{tmp_path / 'optuna.db'}", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=subprocess_env(tmp_path, tmp_path / "cache"))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "tunelab: error: hydra.sweeper.pruner: n_min_trials=0 must be an integer >= 1"), result.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

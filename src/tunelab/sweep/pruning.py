@@ -1,9 +1,13 @@
-"""Pruning aligned with the LR schedule (issue 14): no decision before the longest warm-up of the search space has
-ended, rungs set from the trial's step budget (never "auto"), and a divergence guard that prunes at once.
+"""tunelab's pruners (issue 14), measured against Optuna's on replayed sweeps (benchmarks/pruning_replay.py).
 
-Early validations rank trials by where their LR warm-up is, not by their promise (BENCHMARKS.md, sweep efficiency),
-so the first rung is the end of the longest warm-up. On the `lr_area` clock a trial reports each validation at
-step = cumulative LR / peak LR (tunelab.optim.lr_area), so trials with different schedules meet at equal progress.
+NearestTrialBoundPruner, the default of sweep=lora_search, asks whether a trial could still beat the best: it projects
+the trial's validation forward by the improvement the most similar complete trial made from the same step. Ranking
+trials at a validation, as the median and successive-halving pruners do, prunes the high learning rates that end best:
+under a decaying schedule they lead only once the LR has come down (BENCHMARKS.md, pruning replay).
+
+ScheduleAlignedPruner keeps rungs but sets them after the longest warm-up of the search space, from the trial's step
+budget (never "auto"); on the `lr_area` clock a trial reports each validation at step = cumulative LR / peak LR
+(tunelab.optim.lr_area), so trials with different schedules meet at equal progress.
 """
 
 import math
@@ -104,6 +108,72 @@ class ScheduleAlignedPruner(BasePruner):
         earlier = max((s for s in values if s < step), default=None)
         passed = [r for r in self.rungs if r <= step and (earlier is None or earlier < r)]
         return passed[-1] if passed else None
+
+
+def unit_coordinate(trial: optuna.trial.FrozenTrial, name: str) -> float:
+    """A param as a point of [0, 1]: by its index among choices, on a log scale where its distribution is."""
+    distribution, value = trial.distributions[name], trial.params[name]
+    if hasattr(distribution, "choices"):
+        return distribution.choices.index(value) / max(1, len(distribution.choices) - 1)
+    low, high = distribution.low, distribution.high
+    if getattr(distribution, "log", False):
+        return math.log(value / low) / math.log(high / low)
+    return (value - low) / ((high - low) or 1)
+
+
+def param_distance(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> float:
+    shared = [name for name in a.distributions if name in b.distributions]
+    return math.dist([unit_coordinate(a, n) for n in shared], [unit_coordinate(b, n) for n in shared])
+
+
+class NearestTrialBoundPruner(BasePruner):
+    """Prunes a trial when, improving from its latest validation as much as the most similar complete trial (nearest
+    in the search space, each param scaled to [0, 1]) improved from the same step to its objective, it would still
+    not beat the best complete trial; at once when its objective is not finite.
+
+    The improvement is a ratio (objective / value at the step) while both are positive, else a difference. Trials that
+    share a learning rate share a curve's shape, which a comparison across all trials misses: high rates lag until
+    their schedule decays, then finish best. n_min_trials: complete trials needed before any decision (the first
+    ones run to the end, to measure how much a trial still gains).
+    """
+
+    def __init__(self, n_min_trials: int = 4):
+        if not isinstance(n_min_trials, int) or n_min_trials < 1:
+            raise ValueError(f"n_min_trials={n_min_trials} must be an integer >= 1")
+        self.n_min_trials = n_min_trials
+
+    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None:
+            return False
+        value = trial.intermediate_values[step]
+        if not math.isfinite(value):
+            return True
+        complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if t.value is not None and math.isfinite(t.value)]
+        if len(complete) < self.n_min_trials:
+            return False
+        sign = -1.0 if study.direction == StudyDirection.MAXIMIZE else 1.0
+        best = min(complete, key=lambda t: sign * t.value).value
+        reached = [t for t in complete if value_at(t.intermediate_values, step) is not None]
+        if not reached:
+            return False
+        nearest = min(reached, key=lambda t: param_distance(trial, t))
+        if step >= max(nearest.intermediate_values):
+            return False  # the last validation: pruning saves nothing, and the trial's result is a complete one
+        projected = project(value, value_at(nearest.intermediate_values, step), nearest.value)
+        # A tie keeps the trial: one that repeats the best trial's params projects onto its objective, up to rounding.
+        return sign * (projected - best) > 1e-9 * abs(best)
+
+    def __repr__(self) -> str:
+        return f"NearestTrialBoundPruner(n_min_trials={self.n_min_trials})"
+
+
+def project(value: float, neighbour_then: float, neighbour_final: float) -> float:
+    """`value` improved as the neighbour improved from `neighbour_then` to `neighbour_final`."""
+    if value > 0 and neighbour_then > 0 and neighbour_final > 0:
+        return value * neighbour_final / neighbour_then
+    return value + neighbour_final - neighbour_then
 
 
 def job_arguments(pruner_cfg, max_steps: int) -> dict:
