@@ -8,7 +8,12 @@ trial-steps spent and the regret of the best found against the unpruned sweep of
 interquartile range); and how well a validation ranks the configurations by their final loss (Kendall tau), on the
 raw-step clock at each validation and on the LR-area clock at the schedule-aligned rungs.
 
-Usage: python benchmarks/pruning_replay.py [curves.json] [--seeds 10] [--trials 20]
+The replay snaps each proposal to the nearest recorded configuration, so two trials that snap alike share one curve
+exactly, which flatters a pruner that projects a trial by its neighbour's curve. The live sweeps' table has no such
+snapping: unpruned sweeps run live (benchmarks/sweep_efficiency.sh), replayed in their own order with their own curves
+(the params as proposed), each pruner deciding as they come; there only pruning differs, the proposals stay.
+
+Usage: python benchmarks/pruning_replay.py [curves.json] [--seeds 10] [--trials 20] [--live benchmarks/live_sweeps.json]
 """
 
 import argparse
@@ -20,6 +25,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CURVES = ROOT / "benchmarks" / "pruning_curves.json"
+LIVE = ROOT / "benchmarks" / "live_sweeps.json"
 SAMPLERS = ("tpe", "random")
 # name: (config in conf/hydra/sweeper/pruner, overrides); "first_validation_after_warmup" is filled in per curve set.
 PRUNERS = {
@@ -31,6 +37,7 @@ PRUNERS = {
     "schedule_aligned": ("schedule_aligned", {}),
     "schedule_aligned_lr_area": ("schedule_aligned", {"clock": "lr_area"}),
     "nearest_bound": ("nearest_bound", {}),
+    "nearest_bound_eager": ("nearest_bound", {"decide_at_first_validation": True, "spare_catching_up": False}),
 }
 
 
@@ -145,6 +152,41 @@ def replay(recorded: dict, samplers=SAMPLERS, pruners=tuple(PRUNERS), seeds=rang
     return results
 
 
+def replay_in_order(sweep: dict, space: dict, pruner: str, recorded: dict) -> dict:
+    """One live unpruned sweep's trials, in order, each with its own curve: {"share", "regret"} under `pruner`."""
+    import optuna
+
+    study = optuna.create_study(study_name="live", direction="minimize", pruner=build_pruner(pruner, recorded))
+    steps = 0
+    for trial_record in sweep["trials"]:
+        study.enqueue_trial(trial_record["params"])
+        trial = study.ask(space)
+        for step, loss in trial_record["points"]:
+            trial.report(loss, step)
+            if trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, trial_record["value"])
+        steps += step
+    best = min(t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE)
+    return {"share": steps / sum(t["points"][-1][0] for t in sweep["trials"]),
+            "regret": best / min(t["value"] for t in sweep["trials"]) - 1}
+
+
+def live_table(live: dict, recorded: dict, pruners=tuple(PRUNERS)) -> str:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = search_space()
+    lines = ["| pruner | " + " | ".join(f"{s['sweep']}: trial-steps, regret" for s in live["sweeps"]) + " |",
+             "|---" * (len(live["sweeps"]) + 1) + "|"]
+    for pruner in pruners:
+        runs = [replay_in_order(sweep, space, pruner, recorded) for sweep in live["sweeps"]]
+        lines.append(f"| {pruner} | " + " | ".join(f"{r['share']:.0%}, {r['regret']:+.1%}" for r in runs) + " |")
+    return "\n".join(lines)
+
+
 def kendall_tau(xs: list[float], ys: list[float]) -> float:
     pairs = [(i, j) for i in range(len(xs)) for j in range(i + 1, len(xs))]
     return sum(sign(xs[i] - xs[j]) * sign(ys[i] - ys[j]) for i, j in pairs) / len(pairs)
@@ -195,6 +237,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("curves", nargs="?", type=Path, default=CURVES)
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--live", type=Path, default=LIVE, help="unpruned live sweeps to replay in order")
     args = parser.parse_args(argv)
     if not args.curves.exists():
         sys.exit(f"tunelab: error: {args.curves} does not exist: record it with benchmarks/record_curves.py")
@@ -202,6 +245,10 @@ def main(argv: list[str]) -> None:
     print(f"{len(recorded['curves'])} recorded curves of {recorded['max_steps']} steps; "
           f"{args.seeds} seeds x {args.trials} trials per sweep\n")
     print(table(replay(recorded, seeds=range(args.seeds), n_trials=args.trials), rank_correlations(recorded)))
+    if args.live.exists():
+        live = json.loads(args.live.read_text())
+        print(f"\nLive unpruned sweeps replayed in order ({args.live.name}), each trial its own curve:\n")
+        print(live_table(live, recorded))
 
 
 if __name__ == "__main__":

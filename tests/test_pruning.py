@@ -122,9 +122,9 @@ def test_a_bad_schedule_aligned_setting_is_one_error_line(tmp_path, override, me
 LR = {"optim.lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}
 
 
-def lr_study(curves: dict[float, dict[int, float]], direction: str = "minimize", n_min_trials: int = 4) -> optuna.Study:
+def lr_study(curves: dict[float, dict[int, float]], direction: str = "minimize", **options) -> optuna.Study:
     """Finished trials at these learning rates, each with its {step: loss} curve; its objective is the last value."""
-    study = optuna.create_study(direction=direction, pruner=NearestTrialBoundPruner(n_min_trials))
+    study = optuna.create_study(direction=direction, pruner=NearestTrialBoundPruner(**options))
     for lr, curve in curves.items():
         trial = fixed_trial(study, lr)
         for step, loss in curve.items():
@@ -156,7 +156,7 @@ FINISHED = {1e-4: LOW, 2e-4: {25: 0.51, 50: 0.50, 100: 0.49}, 1e-2: HIGH, 3e-4: 
 
 def test_nearest_bound_keeps_a_lagging_high_lr_trial_that_its_neighbour_says_can_still_win():
     study = lr_study(FINISHED)
-    lagging = {25: 0.59, 50: 0.54, 100: 0.43}  # at step 25: 0.59 x 0.44 / 0.60 = 0.433, below the best 0.44
+    lagging = {25: 0.59, 50: 0.54, 100: 0.43}  # at step 50: 0.54 x 0.44 / 0.55 = 0.432, below the best 0.44
 
     assert prunes_at_lr(study, 1.2e-2, lagging) is None
     median = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=4))
@@ -168,23 +168,37 @@ def test_nearest_bound_keeps_a_lagging_high_lr_trial_that_its_neighbour_says_can
 def test_nearest_bound_prunes_a_trial_that_could_not_beat_the_best_at_its_neighbours_pace():
     study = lr_study(FINISHED)
 
-    assert prunes_at_lr(study, 1.1e-4, {25: 0.50, 50: 0.49, 100: 0.48}) == 25  # 0.50 x 0.48 / 0.50 = 0.48 > 0.44
-    assert prunes_at_lr(study, 1.1e-2, {25: 0.62, 50: 0.56, 100: 0.45}) == 25  # 0.62 x 0.44 / 0.60 = 0.455
-    assert prunes_at_lr(study, 1.1e-2, {25: 0.58, 50: 0.56, 100: 0.45}) == 50  # 0.58 passes; 0.56 x 0.44 / 0.55 not
+    assert prunes_at_lr(study, 1.1e-4, {25: 0.50, 50: 0.49, 100: 0.48}) == 50  # 0.49 x 0.48 / 0.49 = 0.48 > 0.44
+    assert prunes_at_lr(study, 1.1e-2, {25: 0.62, 50: 0.57, 100: 0.45}) == 50  # 0.57 x 0.44 / 0.55 = 0.456
+
+
+def test_nearest_bound_decides_nothing_at_the_first_validation_unless_asked_to():
+    # A first validation ranks trials by their schedule more than by their end: the winners lag most there.
+    hopeless = {25: 0.62, 50: 0.57, 100: 0.45}
+
+    assert prunes_at_lr(lr_study(FINISHED), 1.1e-2, {25: 0.62}) is None
+    assert prunes_at_lr(lr_study(FINISHED, decide_at_first_validation=True), 1.1e-2, hopeless) == 25
+
+
+def test_nearest_bound_spares_a_trial_catching_up_with_its_neighbour():
+    catching_up = {25: 0.70, 50: 0.60, 100: 0.45}  # 0.60 x 0.44 / 0.55 = 0.48, but it fell 14% where HIGH fell 8%
+
+    assert prunes_at_lr(lr_study(FINISHED), 1.1e-2, catching_up) is None
+    assert prunes_at_lr(lr_study(FINISHED, spare_catching_up=False), 1.1e-2, catching_up) == 50
 
 
 def test_nearest_bound_waits_for_n_min_complete_trials_and_prunes_a_non_finite_value_at_once():
     study = lr_study({1e-2: HIGH, 1e-4: LOW}, n_min_trials=3)
 
     assert prunes_at_lr(study, 1.1e-4, {25: 0.9, 50: 0.9, 100: 0.9}) is None  # two complete trials: no decision yet
-    assert prunes_at_lr(study, 1.1e-4, {25: math.nan}) == 25
-    assert prunes_at_lr(study, 1.1e-4, {25: 0.9, 50: 0.9, 100: 0.9}) == 25  # three complete now
+    assert prunes_at_lr(study, 1.1e-4, {25: math.nan}) == 25  # even at the first validation
+    assert prunes_at_lr(study, 1.1e-4, {25: 0.9, 50: 0.9, 100: 0.9}) == 50  # three complete now
 
 
 def test_nearest_bound_never_prunes_at_the_last_validation_and_keeps_ties():
     study = lr_study(FINISHED)
 
-    assert prunes_at_lr(study, 1.2e-2, {100: 0.47}) is None  # only a final validation: it saves nothing
+    assert prunes_at_lr(study, 1.2e-2, {25: 0.60, 100: 0.47}) is None  # the last validation: it saves nothing
     assert prunes_at_lr(study, 1e-2, HIGH) is None  # the best trial's params again: projected onto the best exactly
 
 
@@ -193,7 +207,7 @@ def test_nearest_bound_follows_the_study_direction():
     study = lr_study(flipped, direction="maximize")
 
     assert prunes_at_lr(study, 1.2e-2, {25: 0.41, 50: 0.46, 100: 0.57}) is None
-    assert prunes_at_lr(study, 1.1e-4, {25: 0.50, 50: 0.51, 100: 0.52}) == 25
+    assert prunes_at_lr(study, 1.1e-4, {25: 0.50, 50: 0.51, 100: 0.52}) == 50
 
 
 def test_lora_search_prunes_with_the_nearest_bound_and_names_a_bad_setting_in_one_line(tmp_path):
@@ -248,6 +262,19 @@ def test_the_replay_is_deterministic_for_a_seed_and_pruning_saves_steps(replay):
 
     assert first == second
     assert all(run["share"] < 1 for run in first["random", "schedule_aligned"])  # the diverging lr 3e-2 stops early
+
+
+def test_live_sweeps_replay_in_their_own_order_with_their_own_curves(replay):
+    recorded = synthetic_curves()
+    trials = [{"params": c["params"], "points": [[step, loss] for step, _, loss in c["points"]],
+               "value": min(loss for _, _, loss in c["points"])}
+              for c in recorded["curves"][::7] if all(math.isfinite(p[2]) for p in c["points"])]
+    space = replay.search_space()
+
+    unpruned = replay.replay_in_order({"trials": trials}, space, "none", recorded)
+    pruned = replay.replay_in_order({"trials": trials}, space, "nearest_bound", recorded)
+    assert unpruned == {"share": 1.0, "regret": 0.0}
+    assert pruned["share"] < 1 and pruned["regret"] >= 0
 
 
 def test_rank_correlation_is_reported_per_rung_on_both_clocks(replay):

@@ -48,7 +48,7 @@ def assert_nothing_running(tracking_uri: str) -> None:
 
 
 def test_sweep_runs_trials_in_the_declared_space_and_nests_them_in_mlflow(tmp_path, dataset_cache):
-    result = run_sweep(tmp_path, dataset_cache, "hydra.sweeper.n_trials=6")
+    result = run_sweep(tmp_path, dataset_cache, "hydra.sweeper.n_trials=6", "hydra/sweeper/pruner=none")
 
     trials = load_trials(tmp_path)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 6
