@@ -5,7 +5,8 @@ runs every configuration of a grid over lora_search's space to its full step bud
 `sweep=lora_search` with the grid sampler and no pruning over the warm-ups, in a study of its own SQLite file
 (<work>/curves-lr<i>-r<j>.db), so that `--jobs N` records N of these at once on a machine with the cores for it. The
 studies are the cache: running the script again continues them, and only the missing configurations train. The curves
-go to a JSON file of {"max_steps", "max_warmup_ratio", "curves": [{"params", "points": [[step, lr_area, val/loss], ...]}]}.
+go to a JSON file of
+{"max_steps", "max_warmup_ratio", "curves": [{"params", "points": [[step, lr_area, val/loss], ...]}]}.
 
 Usage: python benchmarks/record_curves.py [--work DIR] [--out benchmarks/pruning_curves.json] [--jobs N]
        [--lrs K] [--max-steps 150] [--val-every 25] [--base-steps 400] [--threads T]
@@ -57,8 +58,9 @@ def record(work: Path, base: Path, shard: tuple[int, int], max_steps: int, val_e
          f"peft.r={choice([RANKS[shard[1]]])}", f"optim.warmup_ratio={choice(WARMUP_RATIOS)}",
          f"hydra.sweeper.n_trials={len(WARMUP_RATIOS)}", f"hydra.sweeper.study_name={name}",
          f"hydra.sweeper.storage={storage(work, shard)}", f"hydra.sweep.dir={work / f'multirun-{name}'}",
-         f"model.name_or_path={base}", "model.init=pretrained", "model.tokenizer=null", f"trainer.max_steps={max_steps}",
-         f"trainer.val_check_interval={val_every}", "callbacks=none", "export=false", "logger=none"],
+         f"model.name_or_path={base}", "model.init=pretrained", "model.tokenizer=null",
+         f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={val_every}", "callbacks=none",
+         "export=false", "logger=none"],
         env, work / f"{name}.log")
 
 

@@ -101,7 +101,8 @@ def replay(model, dump: dict, name: str, attention: str, backends) -> None:
             handle.remove()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     bad = sorted(n for n, g in grads.items() if not torch.isfinite(g).all())
-    norm = float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads.values()]))) if grads else math.nan
+    norms = [g.float().norm() for g in grads.values()]
+    norm = float(torch.linalg.vector_norm(torch.stack(norms))) if norms else math.nan
     print(f"\n== {name}: loss {float(loss):.5f}, grad norm {norm:.4g}, {len(bad)}/{len(grads)} adapter grads non-finite"
           f" {error}")
     if bad:
