@@ -114,10 +114,11 @@ def unit_coordinate(trial: optuna.trial.FrozenTrial, name: str) -> float:
     """A param as a point of [0, 1]: by its index among choices, on a log scale where its distribution is."""
     distribution, value = trial.distributions[name], trial.params[name]
     if hasattr(distribution, "choices"):
-        return distribution.choices.index(value) / max(1, len(distribution.choices) - 1)
+        choices = distribution.choices
+        return choices.index(value) / max(1, len(choices) - 1) if value in choices else 0.0
     low, high = distribution.low, distribution.high
     if getattr(distribution, "log", False):
-        return math.log(value / low) / math.log(high / low)
+        return math.log(value / low) / (math.log(high / low) or 1)
     return (value - low) / ((high - low) or 1)
 
 
