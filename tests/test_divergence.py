@@ -5,6 +5,7 @@ that runs out of GPU memory ends the same way, its line naming what to lower or 
 import math
 
 import mlflow
+import pytest
 import torch
 
 from tests.conftest import FAST, compose_config, run_train
@@ -23,10 +24,13 @@ def error_line(result) -> str:
     return [line for line in result.stderr.splitlines() if line.strip()][-1]
 
 
-def test_a_diverging_learning_rate_fails_the_run_with_one_line(tmp_path, dataset_cache):
+@pytest.mark.parametrize("callbacks", ["callbacks=default", "callbacks=none"])
+def test_a_diverging_learning_rate_fails_the_run_with_one_line(tmp_path, dataset_cache, callbacks):
+    # callbacks=none keeps the guard too: only `callbacks.divergence=null` lets a run go on through NaN.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = run_train([*FAST, "optim.lr=1e4", "trainer.max_steps=60", "trainer.val_check_interval=20", "export=false"],
-                       tmp_path / "run", dataset_cache, uri, check=False)
+    fast = [arg for arg in FAST if not arg.startswith("callbacks.")]  # none has no progress bar to switch off
+    result = run_train([*fast, callbacks, "optim.lr=1e4", "trainer.max_steps=60", "trainer.val_check_interval=20",
+                        "export=false"], tmp_path / "run", dataset_cache, uri, check=False)
     assert result.returncode != 0
     assert error_line(result).startswith("tunelab: error: training diverged at step "), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
