@@ -182,7 +182,8 @@ def test_worker_is_gone_only_when_its_process_on_this_machine_has_ended():
 
 
 def test_trials_that_raise_or_go_nan_fail_and_the_sweep_goes_on(tmp_path, dataset_cache):
-    # batch_size=0 fails the config check (the job raises); lr=1e30 turns the weights and the loss NaN.
+    # batch_size=0 fails the config check (the job raises); lr=1e30 turns the loss NaN, and the divergence guard
+    # (kept by callbacks=none) stops the trial at its first step.
     result = run_sweep(tmp_path, dataset_cache, "hydra.sweeper.params=null", "hydra/sweeper/sampler=grid",
                        "data.batch_size=choice(16,0)", "optim.lr=choice(3e-3,1e30)", "hydra.sweeper.max_failure_rate=1.0")
 
@@ -190,7 +191,7 @@ def test_trials_that_raise_or_go_nan_fail_and_the_sweep_goes_on(tmp_path, datase
     assert len(trials) == 4 and trials[(16, 3e-3)].state == TrialState.COMPLETE
     for key in [(16, 1e30), (0, 3e-3), (0, 1e30)]:
         assert trials[key].state == TrialState.FAIL
-    assert "objective is nan" in trials[(16, 1e30)].user_attrs["failure"]
+    assert "training diverged at step 1" in trials[(16, 1e30)].user_attrs["failure"]  # the guard, not a NaN objective
     assert "ConfigError" in trials[(0, 3e-3)].user_attrs["failure"]
     assert "best value" in result.stdout
     parents, children = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
