@@ -19,7 +19,7 @@ from tests.conftest import FAST, ROOT, compose_config, run_train
 from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.config import ConfigError, validate_config
 from tunelab.data import build_datamodule
-from tunelab.export import ExportOptions, PromptFormat, export_options, export_run, merged_model
+from tunelab.export import ExportOptions, PromptFormat, export_options, export_run, load_export, merged_model
 from tunelab.generation import greedy_answer
 from tunelab.kernels import decoder_layers
 from tunelab.model import build_model
@@ -182,6 +182,28 @@ def test_chat_lora_export_answers_through_the_chat_template_from_base_and_adapte
     with model.disable_adapter():
         without = greedy_answer(model.eval(), samples.prompts[0][0], tokenizer.eos_token_id, tokenizer.pad_token_id, 64)
     assert tokenizer.decode(without, skip_special_tokens=True) != sample["generated"]  # the adapter was loaded
+
+
+def test_an_adapter_export_over_a_base_with_zero_embeddings_loads_the_rows_it_trained_with(tmp_path, dataset_cache):
+    # tunelab.model fills a base's all-zero token rows before training; generate.py loads base + adapter itself.
+    tokenizer = build_char_tokenizer()
+    plain = compose_config([], tmp_path, dataset_cache)
+    base = build_model(plain.model, plain.precision, tokenizer)
+    untrained = [tokenizer.eos_token_id, tokenizer.unk_token_id]
+    with torch.no_grad():
+        base.get_input_embeddings().weight[untrained] = 0
+    base.save_pretrained(tmp_path / "base")
+    cfg = compose_config(["peft=lora", "model.init=pretrained", f"model.name_or_path={tmp_path / 'base'}",
+                          "model.tokenizer=char", "data.num_examples=40"], tmp_path, dataset_cache)
+    model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer), cfg.peft)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=1)
+    trainer.validate(CausalLMModule(model, cfg.optim), datamodule=build_datamodule(cfg.data, tokenizer))
+
+    export = export_run(cfg, trainer, model, tokenizer, tmp_path / "export")
+    loaded = load_export(export).model.get_input_embeddings().weight[untrained]
+    trained = model.get_input_embeddings().weight[untrained]
+    assert trained.abs().sum() > 0 and torch.equal(loaded, trained)
 
 
 def test_fsdp_ranks_generate_together_what_the_unsharded_model_does(tmp_path):

@@ -94,7 +94,8 @@ def export_run(cfg: DictConfig, trainer, model: PreTrainedModel, tokenizer: PreT
             cpu_copy(model, weights).unload().save_pretrained(directory / base)
     write_generation_config(directory, model, tokenizer)
     settings = {"prompt": asdict(prompt_format(trainer.datamodule)), "base_model": base,
-                "trust_remote_code": cfg.model.trust_remote_code}
+                "trust_remote_code": cfg.model.trust_remote_code,
+                "fill_zero_embeddings": cfg.model.get("zero_embeddings", "fill") == "fill"}
     (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
     return directory
 
@@ -158,6 +159,8 @@ def merged_model(model, weights: dict[str, torch.Tensor] | None, model_cfg: Dict
         # reloaded in bfloat16 instead, the model that QLoRA's quantized base stands for.
         base = AutoModelForCausalLM.from_pretrained(model_cfg.name_or_path, dtype=torch.bfloat16,
                                                     trust_remote_code=model_cfg.trust_remote_code)
+        with torch.no_grad():  # the embeddings the adapter trained with (tunelab.model.fill_zero_embeddings)
+            base.get_input_embeddings().weight.copy_(model.get_input_embeddings().weight)
         copy = get_peft_model(base, deepcopy(model.peft_config[model.active_adapter]))
         set_peft_model_state_dict(copy, get_peft_model_state_dict(model))
     else:
@@ -227,8 +230,12 @@ def load_export(directory: Path, device: str = "cpu") -> Exported:
         if not base_path:
             raise ExportNotFound(f"{directory}: the adapter names no base model (adapter_config.json's "
                                  "base_model_name_or_path) and the export holds none in base/")
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype="auto",
-                                                                               trust_remote_code=trust), directory)
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype="auto", trust_remote_code=trust)
+        if settings.get("fill_zero_embeddings"):  # as tunelab.model.build_model did for training
+            from tunelab.model import fill_zero_embeddings
+
+            fill_zero_embeddings(base, tokenizer)
+        model = PeftModel.from_pretrained(base, directory)
     else:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype="auto", trust_remote_code=trust)
     eos = tokenizer.eos_token_id
