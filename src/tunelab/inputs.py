@@ -17,19 +17,13 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig
 
-from tunelab.config import ConfigError, show
+from tunelab.config import ConfigError, one_line, show
 
 FORMAT_FIELDS = {
     "alpaca": "instruction and output strings (input optional)",
     "chat": "messages, a list of {role, content} strings ending with an assistant message",
 }
 FORMAT_COLUMNS = {"alpaca": {"instruction", "output"}, "chat": {"messages"}}
-
-
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """An upstream error's message for the end of a ConfigError line."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_tokenizer(model_cfg: DictConfig):

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.config import ConfigError, show
+from tunelab.config import ConfigError, one_line, show
 
 
 class Group(NamedTuple):
@@ -93,9 +93,9 @@ def import_target(key: str, path: str) -> Any:
             if error.name and (module_name == error.name or module_name.startswith(error.name + ".")):
                 missing = missing or error  # this prefix is not a module: try the shorter one
                 continue
-            raise ConfigError(f"{key}={path}: importing {module_name} failed: {one_line(error)}") from error
+            raise import_failed(key, path, module_name, error) from error
         except Exception as error:  # the user's module raised while it was imported
-            raise ConfigError(f"{key}={path}: importing {module_name} failed: {one_line(error)}") from error
+            raise import_failed(key, path, module_name, error) from error
         for depth, attribute in enumerate(parts[cut:]):
             if not hasattr(found, attribute):
                 if missing is not None and depth == 0:
@@ -161,6 +161,5 @@ def plain(spec: DictConfig | dict) -> dict:
     return OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
 
 
-def one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+def import_failed(key: str, path: str, module_name: str, error: BaseException) -> ConfigError:
+    return ConfigError(f"{key}={path}: importing {module_name} failed: {one_line(error, limit=None, named=True)}")
