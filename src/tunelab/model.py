@@ -93,12 +93,14 @@ def fill_zero_embeddings(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     weight = model.get_input_embeddings().weight
     if weight.is_meta or weight.dim() != 2:
         return []
-    rows = weight[: min(len(tokenizer), weight.size(0))].float()
+    rows = weight[: min(len(tokenizer), weight.size(0))]
     eps = getattr(model.config, "rms_norm_eps", None) or getattr(model.config, "layer_norm_eps", None) or 1e-6
-    zero = rows.pow(2).mean(dim=1).sqrt() < 1e-2 * eps ** 0.5
+    # In slices: a float32 copy of a 128k-token, 4096-wide embedding at once would be 2 GiB more at load time.
+    rms = torch.cat([part.float().pow(2).mean(dim=1).sqrt() for part in rows.split(8192)])
+    zero = rms < 1e-2 * eps ** 0.5
     if not zero.any() or zero.all():
         return []
-    trained = rows[~zero]
+    trained = rows[~zero].float()
     generator = torch.Generator(device="cpu").manual_seed(0)
     noise = torch.randn(int(zero.sum()), rows.size(1), generator=generator).to(rows.device)
     filled = zero.nonzero().flatten()
