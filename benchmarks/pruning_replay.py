@@ -56,17 +56,10 @@ def search_space() -> dict:
 
 
 def coordinates(params: dict, space: dict) -> list[float]:
-    """Params as a point of the unit cube: log scale where the space is, choices by their index."""
-    point = []
-    for name, distribution in space.items():
-        value = params[name]
-        if hasattr(distribution, "choices"):
-            point.append(distribution.choices.index(value) / max(1, len(distribution.choices) - 1))
-        elif distribution.log:
-            point.append(math.log(value / distribution.low) / math.log(distribution.high / distribution.low))
-        else:
-            point.append((value - distribution.low) / ((distribution.high - distribution.low) or 1))
-    return point
+    """Params as a point of the unit cube, as the nearest-trial pruner measures distance."""
+    from tunelab.sweep.pruning import unit_coordinate
+
+    return [unit_coordinate(distribution, params[name]) for name, distribution in space.items()]
 
 
 def nearest(curves: list[dict], params: dict, space: dict) -> dict:

@@ -110,9 +110,8 @@ class ScheduleAlignedPruner(BasePruner):
         return passed[-1] if passed else None
 
 
-def unit_coordinate(trial: optuna.trial.FrozenTrial, name: str) -> float:
-    """A param as a point of [0, 1]: by its index among choices, on a log scale where its distribution is."""
-    distribution, value = trial.distributions[name], trial.params[name]
+def unit_coordinate(distribution: optuna.distributions.BaseDistribution, value) -> float:
+    """A param's value as a point of [0, 1]: by its index among choices, on a log scale where its distribution is."""
     if hasattr(distribution, "choices"):
         choices = distribution.choices
         return choices.index(value) / max(1, len(choices) - 1) if value in choices else 0.0
@@ -124,7 +123,8 @@ def unit_coordinate(trial: optuna.trial.FrozenTrial, name: str) -> float:
 
 def param_distance(a: optuna.trial.FrozenTrial, b: optuna.trial.FrozenTrial) -> float:
     shared = [name for name in a.distributions if name in b.distributions]
-    return math.dist([unit_coordinate(a, n) for n in shared], [unit_coordinate(b, n) for n in shared])
+    return math.dist([unit_coordinate(a.distributions[n], a.params[n]) for n in shared],
+                     [unit_coordinate(b.distributions[n], b.params[n]) for n in shared])
 
 
 class NearestTrialBoundPruner(BasePruner):
