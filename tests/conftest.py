@@ -81,3 +81,21 @@ def mlflow_runs(tracking_uri: str) -> tuple[list, list]:
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     return parents, children
+
+
+def save_base_with_untrained_tokens(directory: Path, cache_dir: Path) -> list[int]:
+    """The embedded tiny model saved as a from_pretrained directory whose EOS and UNK embedding rows are all zero, as
+    untrained special tokens of a released checkpoint are; returns those token ids."""
+    import torch
+
+    from tunelab.char_tokenizer import build_char_tokenizer
+    from tunelab.model import build_model
+
+    tokenizer = build_char_tokenizer()
+    cfg = compose_config([], directory, cache_dir)
+    model = build_model(cfg.model, cfg.precision, tokenizer)
+    untrained = [tokenizer.eos_token_id, tokenizer.unk_token_id]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[untrained] = 0
+    model.save_pretrained(directory)
+    return untrained

@@ -7,8 +7,9 @@ import math
 import mlflow
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from tests.conftest import FAST, compose_config, run_train
+from tests.conftest import FAST, compose_config, run_train, save_base_with_untrained_tokens
 from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.model import build_model
 from tunelab.peft import apply_peft
@@ -126,12 +127,8 @@ def test_untrained_token_rows_of_a_released_model_are_filled_the_same_on_every_l
     # A checkpoint whose special tokens were never trained (all-zero rows) loads with those rows filled, the same
     # rows each time, so that a resumed run, an export and generate.py see the embedding the adapters trained on.
     tokenizer = build_char_tokenizer()
-    cfg = compose_config([], tmp_path, dataset_cache)
-    model = build_model(cfg.model, cfg.precision, tokenizer)
-    untrained = [tokenizer.eos_token_id, tokenizer.unk_token_id]
-    with torch.no_grad():
-        model.get_input_embeddings().weight[untrained] = 0
-    model.save_pretrained(tmp_path / "base")
+    untrained = save_base_with_untrained_tokens(tmp_path / "base", dataset_cache)
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "base").get_input_embeddings().weight
     cfg = compose_config(["model.init=pretrained", f"model.name_or_path={tmp_path / 'base'}"], tmp_path, dataset_cache)
     loads = [build_model(cfg.model, cfg.precision, tokenizer).get_input_embeddings().weight for _ in range(2)]
     rows = loads[0][untrained]
@@ -139,4 +136,4 @@ def test_untrained_token_rows_of_a_released_model_are_filled_the_same_on_every_l
     scale = loads[0][len(tokenizer.all_special_ids):len(tokenizer)].norm(dim=1).mean()
     assert ((rows.norm(dim=1) > 0.5 * scale) & (rows.norm(dim=1) < 2 * scale)).all()
     others = [i for i in range(len(tokenizer)) if i not in untrained and i != tokenizer.pad_token_id]
-    assert torch.equal(loads[0][others], model.get_input_embeddings().weight[others])  # trained rows untouched
+    assert torch.equal(loads[0][others], saved[others])  # trained rows untouched

@@ -15,7 +15,7 @@ import torch
 from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaForCausalLM
 
-from tests.conftest import FAST, ROOT, compose_config, run_train
+from tests.conftest import FAST, ROOT, compose_config, run_train, save_base_with_untrained_tokens
 from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.config import ConfigError, validate_config
 from tunelab.data import build_datamodule
@@ -187,12 +187,7 @@ def test_chat_lora_export_answers_through_the_chat_template_from_base_and_adapte
 def test_an_adapter_export_over_a_base_with_zero_embeddings_loads_the_rows_it_trained_with(tmp_path, dataset_cache):
     # tunelab.model fills a base's all-zero token rows before training; generate.py loads base + adapter itself.
     tokenizer = build_char_tokenizer()
-    plain = compose_config([], tmp_path, dataset_cache)
-    base = build_model(plain.model, plain.precision, tokenizer)
-    untrained = [tokenizer.eos_token_id, tokenizer.unk_token_id]
-    with torch.no_grad():
-        base.get_input_embeddings().weight[untrained] = 0
-    base.save_pretrained(tmp_path / "base")
+    untrained = save_base_with_untrained_tokens(tmp_path / "base", dataset_cache)
     cfg = compose_config(["peft=lora", "model.init=pretrained", f"model.name_or_path={tmp_path / 'base'}",
                           "model.tokenizer=char", "data.num_examples=40"], tmp_path, dataset_cache)
     model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer), cfg.peft)

@@ -28,9 +28,10 @@ def study_with(curves: list[dict[int, float]], pruner=None) -> optuna.Study:
     return study
 
 
-def prunes_at(study: optuna.Study, curve: dict[int, float]) -> int | None:
-    """Replays one more trial's curve; the step it was pruned at, or None if it ran to the end."""
-    trial = study.ask()
+def prunes_at(study: optuna.Study, curve: dict[int, float], trial: optuna.Trial | None = None) -> int | None:
+    """Replays one more trial's curve (a new one, or `trial`); the step it was pruned at, or None if it ran to the
+    end."""
+    trial = trial or study.ask()
     for step, loss in curve.items():
         trial.report(loss, step)
         if trial.should_prune():
@@ -139,14 +140,7 @@ def fixed_trial(study: optuna.Study, lr: float) -> optuna.Trial:
 
 
 def prunes_at_lr(study: optuna.Study, lr: float, curve: dict[int, float]) -> int | None:
-    trial = fixed_trial(study, lr)
-    for step, loss in curve.items():
-        trial.report(loss, step)
-        if trial.should_prune():
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            return step
-    study.tell(trial, curve[max(curve)])
-    return None
+    return prunes_at(study, curve, fixed_trial(study, lr))
 
 
 # Under a decaying schedule a high learning rate lags at first and ends best; a low one leads early and stalls.
