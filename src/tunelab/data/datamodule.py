@@ -1,0 +1,184 @@
+"""Builds the `data` group: rows from the embedded task, a local JSON-lines file or the hub, tokenized and cached,
+split into train and validation, and served in resumable batches."""
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from datasets import Dataset, load_dataset
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Sampler
+from transformers import PreTrainedTokenizerBase
+
+from tunelab.data.collators import InstructionCollator, PackedCollator
+from tunelab.data.formats import (IGNORE_INDEX, TOKENIZATION_VERSION, detect_format, split_prompt_answer,
+                                  tokenize_example, tokenizer_fingerprint)
+from tunelab.data.samplers import PackedBatchSampler, resumable_sampler, resume_position
+from tunelab.targets import build_target
+from tunelab.tiny_task import write_tiny_task
+
+log = logging.getLogger(__name__)
+
+
+def tiny_task_file(cache_dir: str, num_examples: int, seed: int) -> Path:
+    """The embedded task's rows as a JSON-lines file, written once per (size, seed) under the cache."""
+    return write_tiny_task(Path(cache_dir) / "tiny_task", num_examples, seed)
+
+
+def load_rows(source: str, path: str | None, split: str, num_examples: int | None, cache_dir: str, seed: int) -> Dataset:
+    datasets_cache = str(Path(cache_dir) / "datasets")
+    if source == "tiny":
+        path = str(tiny_task_file(cache_dir, num_examples, seed))
+        source = "jsonl"
+    if source == "jsonl":
+        rows = load_dataset("json", data_files=path, split="train", cache_dir=datasets_cache)
+    else:
+        rows = load_dataset(path, split=split, cache_dir=datasets_cache)
+    if num_examples is not None and len(rows) > num_examples:
+        rows = rows.select(range(num_examples))
+    return rows
+
+
+class InstructionDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        source: str,
+        path: str | None,
+        split: str,
+        num_examples: int | None,
+        format: str,
+        prompt_template: str,
+        prompt_template_no_input: str,
+        max_length: int,
+        batch_size: int,
+        val_size: float,
+        max_val_examples: int | None,
+        num_workers: int,
+        seed: int,
+        cache_dir: str,
+        packing: bool = False,
+        pack_tokens: int | None = None,
+    ):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.source, self.path, self.split, self.num_examples = source, path, split, num_examples
+        self.format = format
+        self.templates = (prompt_template, prompt_template_no_input)
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.val_size = val_size
+        self.max_val_examples = max_val_examples
+        self.num_workers = num_workers
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.packing = packing
+        self.pack_tokens = pack_tokens or batch_size * max_length
+        self.train: Dataset | None = None
+        self.val: Dataset | None = None
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: downloads and tokenizes into the datasets cache that setup() reads.
+        self.tokenized()
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        splits = self.tokenized().train_test_split(test_size=self._val_count(), seed=self.seed, shuffle=True)
+        self.train, self.val = splits["train"], splits["test"]
+        if self.max_val_examples is not None and len(self.val) > self.max_val_examples:
+            self.val = self.val.select(range(self.max_val_examples))
+        log.info("data: %d train / %d val examples", len(self.train), len(self.val))
+
+    def tokenized(self) -> Dataset:
+        rows = load_rows(self.source, self.path, self.split, self.num_examples, self.cache_dir, self.seed)
+        fmt = detect_format(rows.column_names) if self.format == "auto" else self.format
+        tokenizer, templates, max_length = self.tokenizer, self.templates, self.max_length
+
+        def tokenize(row: dict) -> dict:
+            prompt, answer = split_prompt_answer(row, fmt, templates, tokenizer)
+            return tokenize_example(prompt, answer, tokenizer, max_length, add_bos=fmt == "alpaca")
+
+        fingerprint = hashlib.sha256(
+            json.dumps([rows._fingerprint, tokenizer_fingerprint(tokenizer), fmt, templates, max_length, TOKENIZATION_VERSION]).encode()
+        ).hexdigest()[:16]
+        tokenized = rows.map(tokenize, remove_columns=rows.column_names, new_fingerprint=fingerprint, desc="tokenizing")
+        # A prompt longer than max_length leaves nothing to learn from.
+        return tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]),
+                                new_fingerprint=f"{fingerprint}-answerable")
+
+    def _val_count(self) -> int | float:
+        return int(self.val_size) if self.val_size >= 1 else self.val_size
+
+    def train_dataloader(self) -> DataLoader:
+        if self.packing:
+            return self._packed_loader()
+        return self._loader(self.train, sampler=resumable_sampler(self.trainer, len(self.train), self.seed, self.batch_size))
+
+    def _packed_loader(self) -> DataLoader:
+        trainer = self.trainer
+        lengths = [len(ids) for ids in self.train["input_ids"]]
+        sampler = resume_position(
+            PackedBatchSampler(lengths, self.pack_tokens, self.seed, trainer.world_size, trainer.global_rank), trainer)
+        return DataLoader(
+            self.train.with_format(columns=["input_ids", "labels"]),
+            batch_sampler=sampler,
+            collate_fn=PackedCollator(self.tokenizer.pad_token_id, self.pack_tokens),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, sampler=None)
+
+    def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:
+        return DataLoader(
+            dataset.with_format(columns=["input_ids", "labels"]),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            shuffle=False,
+            drop_last=sampler is not None,
+            collate_fn=InstructionCollator(self.tokenizer.pad_token_id),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+
+def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> pl.LightningDataModule:
+    """`data._target_` (tunelab's or the user's own LightningDataModule, tunelab.targets) with the option's keys and
+    the tokenizer."""
+    return build_target("data", cfg, tokenizer=tokenizer)
+
+
+class RandomTokenDataModule(pl.LightningDataModule):
+    """Fixed-length rows of random token ids, every position a target: a throughput benchmark's data, not a task."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, num_examples: int, max_length: int, batch_size: int,
+                 val_size: int, seed: int, **_ignored: Any):
+        super().__init__()
+        self.vocab_size = len(tokenizer)
+        self.num_examples, self.max_length, self.batch_size = num_examples, max_length, batch_size
+        self.val_size, self.seed = int(val_size), seed
+
+    def _rows(self, count: int, offset: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed + offset)
+        return torch.randint(0, self.vocab_size, (count, self.max_length), generator=generator)
+
+    def _loader(self, rows: torch.Tensor, sampler: Sampler | None) -> DataLoader:
+        def collate(indices: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+            ids = torch.stack(indices)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+        return DataLoader(list(rows), batch_size=self.batch_size, sampler=sampler, drop_last=sampler is not None,
+                          collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = resumable_sampler(self.trainer, self.num_examples, self.seed, self.batch_size)
+        return self._loader(self._rows(self.num_examples, 0), sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._rows(self.val_size, 1), sampler=None)
