@@ -34,11 +34,15 @@ def test_only_trainable_parameters_reach_the_optimizer(tmp_path, dataset_cache):
 
 
 def test_schedule_shape():
-    multiplier = warmup_cosine(total_steps=100, warmup=10, min_lr_ratio=0.1)
-    assert multiplier(0) == pytest.approx(1 / 11)
-    assert multiplier(10) == pytest.approx(1.0)
-    assert multiplier(55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 45 / 89)))
-    assert multiplier(99) == pytest.approx(0.1)
+    multiplier = warmup_cosine(total_steps=21, warmup=4, min_lr_ratio=0.2)
+    # Warm-up: (step + 1) / (warmup + 1), so the first step already moves and step 4 is the peak.
+    assert [multiplier(step) for step in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    # Cosine over the 16 steps from the peak to the last step (index 20): 0.2 + 0.8 * (1 + cos(pi * (step - 4) / 16)) / 2.
+    assert multiplier(8) == pytest.approx(0.2 + 0.4 * (1 + math.sqrt(2) / 2))   # a quarter of the way: cos(pi/4)
+    assert multiplier(12) == pytest.approx(0.6)                                 # half way: cos(pi/2) = 0
+    assert multiplier(16) == pytest.approx(0.2 + 0.4 * (1 - math.sqrt(2) / 2))  # three quarters: cos(3pi/4)
+    assert multiplier(20) == pytest.approx(0.2)
+    assert multiplier(25) == pytest.approx(0.2)  # past the end it stays at the floor
 
 
 def test_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, dataset_cache):
@@ -54,10 +58,11 @@ def test_lr_per_optimizer_step_with_gradient_accumulation(tmp_path, dataset_cach
     lr_key = next(k for k in run.data.metrics if k.startswith("lr-") and k.endswith("decay") and "no_decay" not in k)
     lrs = {m.step: m.value for m in client.get_metric_history(run.info.run_id, lr_key)}
     assert sorted(lrs) == list(range(12)), lrs
-    expected = warmup_cosine(total_steps=12, warmup=3, min_lr_ratio=0.1)
-    for step, lr in lrs.items():
-        assert lr == pytest.approx(0.002 * expected(step)), step
-    assert lrs[0] == pytest.approx(0.002 / 4) and lrs[3] == pytest.approx(0.002) and lrs[11] == pytest.approx(0.0002)
+    # Warm-up 0.002 x (step + 1) / 4 to the peak at step 3, then 0.002 x (0.1 + 0.45 x (1 + cos(pi x (step - 3) / 8)))
+    # down to step 11, worked out by hand: cos(pi/8) = 0.92388, cos(pi/4) = 0.70711, cos(3pi/8) = 0.38268.
+    expected = [0.0005, 0.001, 0.0015, 0.002, 0.00193149, 0.00173640, 0.00144442, 0.0011, 0.00075558, 0.00046360,
+                0.00026851, 0.0002]
+    assert [lrs[step] for step in range(12)] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("model, peft, lr", [
