@@ -138,6 +138,7 @@ FIELDS: dict[str, Rule | OneOf | ListOf | AnyOf] = {
     "model.name_or_path": Rule(str, null=True),
     "model.init": OneOf("pretrained", "random"),
     "model.tokenizer": Rule(str, null=True),
+    "model.chat_template": Rule(str, null=True),
     "model.dtype": OneOf(None, "float32", "bfloat16", "float16"),
     "model.attn_implementation": Rule(str),
     "model.gradient_checkpointing": Rule(bool),
@@ -147,11 +148,13 @@ FIELDS: dict[str, Rule | OneOf | ListOf | AnyOf] = {
     "model.recommended_lr.full": Rule(float, "> 0"),
     "model.recommended_lr.adapter": Rule(float, "> 0"),
 
-    "data.source": OneOf("tiny", "hub", "jsonl", "random_tokens"),
+    "data.source": OneOf("tiny", "tiny_chat", "hub", "jsonl", "random_tokens"),
     "data.path": Rule(str, null=True),
     "data.split": Rule(str),
     "data.num_examples": Rule(int, ">= 1", null=True),
     "data.format": OneOf("alpaca", "chat", "auto"),
+    "data.train_on": OneOf("all_assistant", "last_assistant"),
+    "data.truncation": OneOf("cut_turns", "drop"),
     "data.prompt_template": Rule(str),
     "data.prompt_template_no_input": Rule(str),
     "data.max_length": Rule(int, ">= 2"),
@@ -283,12 +286,17 @@ def check_model(cfg: DictConfig) -> None:
             if not any((path / name).exists() for name in files):
                 raise ConfigError(f"model.{key}={value}: no such local {'model' if key == 'name_or_path' else 'tokenizer'} "
                                   f"directory (it needs the files save_pretrained writes: {' or '.join(files)})")
+    if model.get("chat_template") is not None:
+        chat_template_text(model.chat_template)  # a file that is not there is told now
     if model.tokenizer is None and not model.name_or_path:
         raise ConfigError("model.tokenizer is null and there is no model.name_or_path to load it from: set model.tokenizer=char")
 
 
 def check_data(cfg: DictConfig) -> None:
     data = cfg.data
+    if data.get("val_size") is not None and data.val_size >= 1 and data.val_size != int(data.val_size):
+        raise ConfigError(f"data.val_size={show(data.val_size)} is neither a fraction of the rows (< 1, e.g. 0.05) nor a "
+                          f"number of rows (a whole number, e.g. {int(data.val_size)})")
     if data.source == "random_tokens":
         if data.num_examples < data.batch_size or data.val_size < 1:
             raise ConfigError("data=random_tokens needs num_examples >= batch_size and val_size >= 1 (rows held out)")
@@ -298,14 +306,25 @@ def check_data(cfg: DictConfig) -> None:
         raise ConfigError(f"data.path={path}: no such file; data=jsonl needs data.path=/path/to/rows.jsonl")
     if data.source == "hub" and not data.path:
         raise ConfigError("data.source=hub needs data.path=<a Hugging Face dataset id>, e.g. tatsu-lab/alpaca")
-    if data.source == "tiny" and data.num_examples is None:
-        raise ConfigError("data=tiny generates data.num_examples rows: give a number, e.g. data.num_examples=4000")
+    if data.source in ("tiny", "tiny_chat") and data.num_examples is None:
+        raise ConfigError(f"data={data.source} generates data.num_examples rows: give a number, e.g. data.num_examples=4000")
     for key in ("prompt_template", "prompt_template_no_input"):
         if data.get(key) is not None:
             check_prompt_template(f"data.{key}", data[key])
     if data.packing and data.pack_tokens is not None and data.pack_tokens < data.max_length:
         raise ConfigError(f"data.pack_tokens={data.pack_tokens} is less than data.max_length={data.max_length}: "
                           "a packed row must hold the longest example; raise data.pack_tokens or set it to null")
+
+
+def chat_template_text(value: str) -> str:
+    """model.chat_template's Jinja: the value itself where it holds Jinja tags, else the file it names."""
+    if "{{" in value or "{%" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"model.chat_template={value}: no such file, and not a Jinja template either (no {{{{ or "
+                          "{%): give the template itself or the path of a file holding it")
+    return path.read_text(encoding="utf-8")
 
 
 def check_prompt_template(key: str, template: str) -> None:

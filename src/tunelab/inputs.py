@@ -225,6 +225,7 @@ def check_architecture(cfg: DictConfig, tokenizer) -> None:
     from transformers import AutoModelForCausalLM
 
     config, source = model_config(cfg.model, tokenizer)
+    check_attention(cfg.model.attn_implementation)
     try:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the real build after this says them
@@ -243,6 +244,15 @@ def check_architecture(cfg: DictConfig, tokenizer) -> None:
                 apply_peft(model, cfg.peft)
         except Exception as error:  # whatever peft refuses in the adapter config, likewise
             raise ConfigError(f"peft: {one_line(error)}") from error
+
+
+def check_attention(name: str) -> None:
+    """transformers refuses an unknown attention with a paragraph listing every variant it has; one line says the fix."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if name != "eager" and name not in ALL_ATTENTION_FUNCTIONS.valid_keys() and "/" not in name:  # org/repo: a Hub kernel
+        raise ConfigError(f"model.attn_implementation={name} is not an attention transformers has: use sdpa (the default), "
+                          "eager, flex_attention or flash_attention_2 (pip install flash-attn)")
 
 
 def model_config(model_cfg: DictConfig, tokenizer):
