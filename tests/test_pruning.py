@@ -98,7 +98,9 @@ def test_lr_area_clock_is_monotone_and_counts_steps_at_a_constant_lr():
     areas = [lr_area(step, total_steps=150, warmup=30, min_lr_ratio=0.1) for step in range(151)]
 
     assert all(b > a for a, b in zip(areas, areas[1:]))
-    assert areas[30] == pytest.approx(15.0)  # the warm-up's area: half its steps
+    assert areas[30] == pytest.approx(15.0)  # the warm-up's area: (1 + ... + 30) / 31, half its steps
+    # The cosine's 120 steps average (1 + min_lr_ratio) / 2 (its cosines cancel in pairs): 120 x 0.55 = 66 more.
+    assert areas[150] == pytest.approx(15.0 + 66.0)
     assert [lr_area(step, 150, warmup=0, min_lr_ratio=1.0) for step in (0, 25, 150)] == [0, 25, 150]
 
 
@@ -244,10 +246,33 @@ def synthetic_curves() -> dict:
     return {"max_steps": 60, "max_warmup_ratio": 0.2, "curves": curves}
 
 
-def test_the_unpruned_replay_spends_every_trial_step_and_has_no_regret(replay):
-    results = replay.replay(synthetic_curves(), samplers=("tpe",), pruners=("none",), seeds=range(2), n_trials=8)
+def curve(lr: float, losses: list[float]) -> dict:
+    """A recorded curve at this learning rate (rank and warm-up shared by all), validated every 10 of 60 steps."""
+    return {"params": {"optim.lr": lr, "peft.r": 16, "optim.warmup_ratio": 0.1},
+            "points": [[step, step / 2, loss] for step, loss in zip(range(10, 61, 10), losses)]}
 
-    assert results["tpe", "none"] == [{"share": 1.0, "regret": 0.0}] * 2
+
+def test_the_replay_measures_trial_steps_and_regret_against_the_unpruned_sweep_of_the_same_seed(replay):
+    # Two configurations at the ends of the LR range: a low LR that improves steadily (objective 0.60, its best
+    # validation), a high one that reaches 0.40 at step 30 and then climbs back above its first validation.
+    recorded = {"max_steps": 60, "max_warmup_ratio": 0.2, "curves": [
+        curve(1e-4, [1.0, 0.8, 0.7, 0.65, 0.62, 0.60]), curve(3e-2, [1.0, 0.5, 0.4, 1.2, 1.3, 1.4])]}
+    space = replay.search_space()
+    # Trial k of a seed's sweep draws with a random sampler seeded seed + k; it gets the curve nearest its LR.
+    high = [sum(proposed_lr(space, seed + k) > math.sqrt(1e-4 * 3e-2) for k in range(3)) for seed in range(4)]
+    assert set(high) == {1, 2}, high  # each sweep meets both curves (with Optuna's draws of today: 1, 1, 2, 2)
+
+    results = replay.replay(recorded, samplers=("random",), pruners=("schedule_aligned",), seeds=range(4), n_trials=3)
+
+    # Unpruned: 3 x 60 trial-steps, best 0.40 (a high-LR trial). Schedule-aligned, with too few trials for a rung: its
+    # guard stops each high-LR trial at step 40 (1.2 >= 1.0, its first validation), so the best is 0.60: regret
+    # 0.60 / 0.40 - 1 = +50%, and each high-LR trial spends 40 steps instead of 60.
+    assert results["random", "schedule_aligned"] == [
+        {"share": pytest.approx((60 * (3 - n) + 40 * n) / 180), "regret": pytest.approx(0.5)} for n in high]
+
+
+def proposed_lr(space: dict, seed: int) -> float:
+    return optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask(space).params["optim.lr"]
 
 
 def test_the_replay_is_deterministic_for_a_seed_and_pruning_saves_steps(replay):
@@ -258,25 +283,53 @@ def test_the_replay_is_deterministic_for_a_seed_and_pruning_saves_steps(replay):
     assert all(run["share"] < 1 for run in first["random", "schedule_aligned"])  # the diverging lr 3e-2 stops early
 
 
-def test_live_sweeps_replay_in_their_own_order_with_their_own_curves(replay):
-    recorded = synthetic_curves()
-    trials = [{"params": c["params"], "points": [[step, loss] for step, _, loss in c["points"]],
-               "value": min(loss for _, _, loss in c["points"])}
-              for c in recorded["curves"][::7] if all(math.isfinite(p[2]) for p in c["points"])]
-    space = replay.search_space()
-
-    unpruned = replay.replay_in_order({"trials": trials}, space, "none", recorded)
-    pruned = replay.replay_in_order({"trials": trials}, space, "nearest_bound", recorded)
-    assert unpruned == {"share": 1.0, "regret": 0.0}
-    assert pruned["share"] < 1 and pruned["regret"] >= 0
+# A live sweep's trials in the order they ran, each with its own curve and objective; the last one ends best.
+LIVE_SWEEP = {"trials": [
+    {"params": {"optim.lr": lr, "peft.r": 16, "optim.warmup_ratio": 0.1}, "points": list(points.items()),
+     "value": min(points.values())}
+    for lr, points in ((1e-4, LOW), (3e-4, FINISHED[3e-4]), (1e-2, HIGH), (3e-3, {25: 0.58, 50: 0.53, 100: 0.46}),
+                       (1.1e-4, {25: 0.50, 50: 0.49, 100: 0.47}), (1.2e-2, {25: 0.58, 50: 0.56, 100: 0.42}))]}
 
 
-def test_rank_correlation_is_reported_per_rung_on_both_clocks(replay):
-    taus = replay.rank_correlations(synthetic_curves())
+@pytest.mark.parametrize("pruner, share, regret", [
+    # nearest_bound decides from the fifth trial on (four complete). Trial 5 (lr 1.1e-4) at step 50, next to lr 1e-4:
+    # 0.49 x 0.48 / 0.49 = 0.48 > 0.44, pruned. Trial 6 (lr 1.2e-2) at step 50, next to lr 1e-2, fell 3.4% where its
+    # neighbour fell 8.3% (not catching up): 0.56 x 0.44 / 0.55 = 0.448 > 0.44, pruned. (4 x 100 + 50 + 50) / 600.
+    ("nearest_bound", 500 / 600, 0.44 / 0.42 - 1),
+    # median spares its first five trials; trial 6 at step 25: 0.58 > 0.52, the median of 0.50 0.52 0.60 0.58 0.50.
+    ("median", 525 / 600, 0.44 / 0.42 - 1),
+    ("none", 1.0, 0.0),
+])
+def test_a_live_sweep_replays_in_its_own_order_with_its_own_curves(replay, pruner, share, regret):
+    recorded = {"max_steps": 100, "max_warmup_ratio": 0.2, "curves": []}
 
-    assert [rung for clock, rung in taus if clock == "step"] == [10, 20, 30, 40, 50]
-    assert [rung for clock, rung in taus if clock == "lr_area"] == [6, 12, 24]
-    assert all(-1 <= tau <= 1 for tau in taus.values())
+    result = replay.replay_in_order(LIVE_SWEEP, replay.search_space(), pruner, recorded)
+
+    assert result == {"share": pytest.approx(share), "regret": pytest.approx(regret)}
+
+
+def test_rank_correlation_is_kendall_tau_of_each_rungs_loss_against_the_final_loss_on_both_clocks(replay):
+    # Final losses rank a < b < c < d. c and d warm up longer, so they reach each LR area one validation later.
+    short_warmup, long_warmup = [5, 10, 15, 20], [3, 8, 13, 18]  # LR area at steps 10, 20, 30, 40
+    losses = {"a": ([1.3, 0.8, 0.62, 0.40], short_warmup), "b": ([1.2, 0.9, 0.60, 0.50], short_warmup),
+              "c": ([1.1, 1.0, 0.70, 0.60], long_warmup), "d": ([1.0, 1.1, 0.80, 0.70], long_warmup),
+              "diverged": ([1.0, 0.9, math.nan, math.nan], short_warmup)}
+    curves = [{"params": {}, "points": [list(point) for point in zip((10, 20, 30, 40), areas, values)]}
+              for values, areas in losses.values()]
+
+    taus = replay.rank_correlations({"max_steps": 40, "max_warmup_ratio": 0.25, "curves": curves})
+
+    # tau = (concordant - discordant pairs) / 6 over the four finite curves (the diverged one is left out); a tie is
+    # neither. LR-area rungs: the longest warm-up (10 steps) covers an area of 5, then x2 while below 40 / 2.
+    assert taus == {
+        ("step", 10): pytest.approx(-1),      # every pair in reverse
+        ("step", 20): pytest.approx(1),       # every pair in order
+        ("step", 30): pytest.approx(4 / 6),   # a and b swapped: 5 - 1
+        # area 5: a, b at step 10 (1.3, 1.2); c, d at step 20 (1.0, 1.1): only c-d in order, 1 - 5
+        ("lr_area", 5): pytest.approx(-4 / 6),
+        # area 10: a, b at step 20 (0.8, 0.9); c, d at step 30 (0.7, 0.8): a-b and c-d in order, a-d tied, 2 - 3
+        ("lr_area", 10): pytest.approx(-1 / 6),
+    }
 
 
 def test_a_trial_reports_its_validations_on_the_lr_area_clock_of_its_own_schedule():
@@ -312,5 +365,7 @@ def test_a_trial_reports_its_validations_on_the_lr_area_clock_of_its_own_schedul
     trainer.fit(LoggingModel())
 
     # Validations at steps 5, 10, 15, 20 report at the LR area the run had covered: the sum of its LRs / peak LR.
+    # Worked out by hand: warm-up 4 steps (0.2, 0.4, 0.6, 0.8) and the peak at step 4 make 3.0 by step 5; the 16 cosine
+    # steps average 0.55 (their cosines cancel in pairs), 2.0 + 8.8 = 10.8 by step 20; 7.49 and 10.02 in between.
     assert len(lrs) == 20
-    assert sorted(study.trials[0].intermediate_values) == [round(sum(lrs[:s]) / peak) for s in (5, 10, 15, 20)]
+    assert sorted(study.trials[0].intermediate_values) == [round(sum(lrs[:s]) / peak) for s in (5, 10, 15, 20)] == [3, 7, 10, 11]
