@@ -71,7 +71,7 @@ CASES = [
     (["model.config.model_type=nosuch"], {}, "model.config.model_type=nosuch is not a model type of transformers"),
     (["model.config.model_type=null"], {}, "model.config has no model_type"),
     (["model.config.hidden_size=abc"], {}, "model.config: Validation error for field 'hidden_size'"),
-    (["model.attn_implementation=fastest"], {}, "transformers cannot build this model: Specified `attn_implementation=\"fastest\"`"),
+    (["model.attn_implementation=fastest"], {}, "model.attn_implementation=fastest is not an attention transformers has: use sdpa"),
     (["peft=lora", "peft.target_modules=[mlp]"], {}, "peft.target_modules=[\"mlp\"]: the model has no linear or embedding layer named mlp"),
     (["peft=lora", "peft.target_modules='q_(.*'"], {}, "peft.target_modules=q_(.* is not a regular expression"),
     # data files, and the embedded task asked for too little
