@@ -13,7 +13,7 @@ from tests.conftest import run_train
 def default_run(tmp_path_factory, dataset_cache):
     base = tmp_path_factory.mktemp("default")
     uri = f"sqlite:///{base / 'mlflow.db'}"
-    result = run_train(["callbacks.progress_bar=null"], base / "run", dataset_cache, tracking_uri=uri)
+    result = run_train([], base / "run", dataset_cache, tracking_uri=uri)  # stdout is a pipe: plain progress lines
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
     assert len(runs) == 1
@@ -56,3 +56,15 @@ def test_summary_names_losses_checkpoint_and_run(default_run):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "export" / "config.json").is_file()
     assert (run_dir / "loss_curves.png").stat().st_size > 10_000
+
+
+def test_progress_outside_a_terminal_is_plain_lines(default_run):
+    """In CI, nohup or a SLURM job's output, a rich bar's redraws would leave fragments of lines."""
+    result, _, run, _ = default_run
+    training = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert len(training) >= 10, result.stdout[-3000:]
+    assert training[-1].startswith("step 600/600  train/loss ") and "train/tokens_per_s " in training[-1]
+    assert any(" eta 0:" in line for line in training)
+    validations = [line for line in result.stdout.splitlines() if line.startswith("validation at step 600: ")]
+    assert len(validations) == 1 and "val/loss " in validations[0]
+    assert "\x1b[" not in result.stdout  # no cursor moves or colours

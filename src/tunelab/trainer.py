@@ -15,9 +15,20 @@ from torch import nn
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.checkpoint import AtomicCheckpointIO, stage_directory_checkpoints
+from tunelab.progress import progress_for_this_output
 from tunelab.strategy import build_strategy, strategy_accelerator, strategy_devices
 
 log = logging.getLogger("tunelab")
+
+
+class RunTrainer(pl.Trainer):
+    """Lightning's Trainer whose `log_dir` is the run dir whatever the logger: Lightning answers an MLflow logger's
+    save_dir, None for a SQL or HTTP store, so a user's callback saving files to `trainer.log_dir` wrote them into the
+    working directory; with CSV it answered csv/version_N. The checkpoints keep their own dirpath."""
+
+    @property
+    def log_dir(self) -> str:
+        return self.default_root_dir
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger | None, model: nn.Module | None = None) -> pl.Trainer:
@@ -27,6 +38,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger 
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     if logger is None:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]  # it has nowhere to log
+    callbacks = progress_for_this_output(callbacks)
     kwargs.update(
         accelerator=strategy_accelerator(cfg.strategy, cfg.trainer),
         devices=strategy_devices(cfg.strategy, cfg.trainer),
@@ -40,7 +52,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger 
         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
     )
     kwargs["enable_progress_bar"] = any(isinstance(c, ProgressBar) for c in callbacks)
-    trainer = pl.Trainer(**kwargs)
+    trainer = RunTrainer(**kwargs)
     stage_directory_checkpoints(trainer.strategy)  # sharded FSDP and DeepSpeed write directories past the CheckpointIO
     return trainer
 
