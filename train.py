@@ -20,9 +20,10 @@ def main(cfg: DictConfig) -> float:
         validate_config(cfg)
         # The heavy stack is imported only now that the config holds up: --help and config errors stay fast.
         import lightning.pytorch as pl
-        from tunelab.callbacks import ObjectiveTracker, build_callbacks
+        from tunelab.callbacks import ObjectiveTracker, build_callbacks, validation_at_start
         from tunelab.checkpoint import gather_fsdp_weights, resolve_ckpt_path
         from tunelab.data import build_datamodule
+        from tunelab.evaluation.callback import build_evaluation
         from tunelab.export import export_options
         from tunelab.failures import explain_failure
         from tunelab.inputs import check_inputs, load_tokenizer
@@ -41,6 +42,7 @@ def main(cfg: DictConfig) -> float:
         ckpt_path = resolve_ckpt_path(cfg)
         tokenizer = load_tokenizer(cfg.model)
         check_inputs(cfg, tokenizer)  # data rows, model architecture, LoRA targets: before any weights or MLflow run
+        evaluation = build_evaluation(cfg, tokenizer)  # lm-eval tasks found, their data fetched: before training too
     except ConfigError as error:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # the sweeper records the trial as failed and goes on
@@ -60,7 +62,8 @@ def main(cfg: DictConfig) -> float:
 
     logger = build_logger(cfg)
     tracker = ObjectiveTracker(cfg.objective.metric, cfg.objective.mode)
-    callbacks = [*build_callbacks(cfg.callbacks), tracker, *logger_callbacks(cfg), *study_trial_callbacks(cfg, logger)]
+    callbacks = [*build_callbacks(cfg.callbacks), *evaluation, tracker, *logger_callbacks(cfg), *study_trial_callbacks(cfg, logger),
+                 *validation_at_start(cfg.validate_at_start)]
     trainer = build_trainer(cfg, callbacks, logger, model)
     try:
         batch = effective_batch_size(trainer, cfg.data.batch_size)

@@ -191,8 +191,41 @@ class RunProgressBar(RichProgressBar):
         return items
 
 
+class ValidateAtStart(pl.Callback):
+    """Validates the model as fine-tuning finds it, before the first optimizer step: every val curve starts at step 0
+    from the base model, so a run that makes the model worse shows it.
+
+    Only a run starting at step 0: a resumed run has its step-0 point already. Nothing is written for step 0 (Lightning's
+    ModelCheckpoint saves nothing before a step is taken), and the objective leaves the point out (ObjectiveTracker).
+    """
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step > 0 or trainer.val_dataloaders is None:
+            return
+        # What Lightning's training epoch loop does around a validation between steps.
+        connector = trainer._logger_connector
+        first_loop_iter = connector._first_loop_iter
+        trainer.validating = True
+        trainer.fit_loop.epoch_loop.val_loop.run()
+        trainer.training = True
+        connector._first_loop_iter = first_loop_iter
+
+
+def validation_at_start(setting: str | bool) -> list[pl.Callback]:
+    """`validate_at_start`: auto validates single runs at step 0, not a sweep's trials, whose step-0 points are all the
+    same base on the same rows: a validation more per trial that tells the sampler and the pruner nothing."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    on = setting is True or (setting == "auto" and HydraConfig.get().mode != RunMode.MULTIRUN)
+    return [ValidateAtStart()] if on else []
+
+
 class ObjectiveTracker(pl.Callback):
-    """Keeps every validation's metrics and the train-loss curve; the run's objective is the best value seen."""
+    """Keeps every validation's metrics and the train-loss curve; the run's objective is the best value seen after
+    training began. The step-0 validation of the base (ValidateAtStart) is a reference point, not a result of the run:
+    there is no checkpoint of it, and a run that only made the model worse returns how far it got, so a sweep ranks it
+    below the runs that improved rather than level with them at the base's value."""
 
     def __init__(self, metric: str, mode: str):
         self.metric = metric
@@ -210,7 +243,8 @@ class ObjectiveTracker(pl.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        # An eval/ objective is kept too (tunelab.evaluation logs it at each validation when it is the objective).
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/") or k == self.metric}
         self.validations.append({"step": trainer.global_step, **metrics})
 
     def state_dict(self) -> dict:
@@ -223,7 +257,8 @@ class ObjectiveTracker(pl.Callback):
 
     @property
     def best(self) -> float:
-        values = [v[self.metric] for v in self.validations if self.metric in v and math.isfinite(v[self.metric])]
+        values = [v[self.metric] for v in self.validations
+                  if v["step"] > 0 and self.metric in v and math.isfinite(v[self.metric])]
         if not values:
             return float("nan")
         return min(values) if self.mode == "min" else max(values)

@@ -51,7 +51,7 @@ class StudyTrialCallback(pl.Callback):
         return self.last_reported
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or trainer.global_step == 0:  # the base model (validate_at_start) is no progress
             return
         prune = False
         if trainer.is_global_zero and (value := trainer.callback_metrics.get(self.metric)) is not None:
