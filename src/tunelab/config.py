@@ -231,8 +231,8 @@ ABSENT = object()
 
 def validate_config(cfg: DictConfig) -> None:
     for check in (check_resolves, check_fields, check_model, check_data, check_peft, check_kernels, check_optim,
-                  check_trainer, check_fsdp_adapters, check_placement, check_run, check_objective, check_tracking_server,
-                  check_targets):
+                  check_trainer, check_fsdp_adapters, check_placement, check_run, check_objective, check_evaluation,
+                  check_tracking_server, check_targets):
         check(cfg)
     for warning in precision_warnings(cfg.precision, cfg.model):
         log.warning(warning)
@@ -466,6 +466,8 @@ def check_run(cfg: DictConfig) -> None:
 
 def check_objective(cfg: DictConfig) -> None:
     """ModelCheckpoint and EarlyStopping stop the run at the first validation that does not log the objective."""
+    if cfg.objective.metric.startswith(EVAL_PREFIX):
+        return  # a benchmark's score: check_evaluation holds it to the eval option
     if cfg.objective.metric != GENERATED_EXACT_MATCH:
         return
     if OmegaConf.select(cfg, "callbacks.samples") is None:
@@ -474,6 +476,40 @@ def check_objective(cfg: DictConfig) -> None:
     if cfg.data.get("source") == "random_tokens":
         raise ConfigError(f"objective.metric={GENERATED_EXACT_MATCH} needs data with prompts and answers; "
                           "data=random_tokens has none")
+
+
+EVAL_PREFIX = "eval/"  # what tunelab.evaluation logs: eval/<task>/<metric>
+EVAL_FIELDS = {"limit": Rule(int, ">= 1", null=True), "batch_size": Rule(int, ">= 1"),
+               "num_fewshot": Rule(int, ">= 0", null=True), "every_n_validations": Rule(int, ">= 1", null=True),
+               "base": Rule(bool)}
+
+
+def check_evaluation(cfg: DictConfig) -> None:
+    """The `eval` option (tunelab.evaluation), and an eval/<task>/<metric> objective against it. Whether a task exists
+    and its data can be had is asked of the harness itself, before training (tunelab.evaluation.harness.check_tasks)."""
+    options, metric = cfg.get("eval"), cfg.objective.metric
+    if not options:
+        if metric.startswith(EVAL_PREFIX):
+            raise ConfigError(f"objective.metric={metric} is a benchmark score, and benchmark evaluation is off (eval=none): "
+                              "pick an eval option whose eval.tasks lists its task (e.g. eval=tiny), or another objective.metric")
+        return
+    tasks = options.get("tasks")
+    if not isinstance(tasks, ListConfig) or not tasks or not all(isinstance(task, str) and task for task in tasks):
+        raise ConfigError(f"eval.tasks={show(tasks)} must be a non-empty list of lm-eval task names, e.g. "
+                          "eval.tasks=[tunelab_tiny,arc_easy]")
+    for key, rule in EVAL_FIELDS.items():
+        if (problem := rule.problem(options.get(key))) is not None:
+            raise ConfigError(f"eval.{key}={show(options.get(key))} {problem}")
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("eval needs the lm_eval package: pip install 'tunelab[eval]' (or eval=none)")
+    if not metric.startswith(EVAL_PREFIX):
+        return
+    task = metric.removeprefix(EVAL_PREFIX).split("/")[0]
+    if task not in tasks:
+        raise ConfigError(f"objective.metric={metric}: task {task} is not in eval.tasks={show(tasks)}; add it there")
+    if options.every_n_validations != 1:
+        raise ConfigError(f"objective.metric={metric} is read at every validation (checkpoint, early stopping, a sweep's "
+                          "pruner): set eval.every_n_validations=1")
 
 
 def without_credentials(uri: str) -> str:

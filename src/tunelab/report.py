@@ -116,6 +116,8 @@ def finish_run(cfg, trainer, tracker: ObjectiveTracker, model, tokenizer, output
         lines.append(f"export                   {export}   (python generate.py {output_dir} \"<prompt>\")")
     samples = next((c for c in trainer.callbacks if isinstance(c, GenerationSamples)), None)
     lines += sample_lines(samples.last if samples else [])
+    evaluation = next((c for c in trainer.callbacks if type(c).__name__ == "BenchmarkEvaluation"), None)
+    lines += evaluation.summary() if evaluation else []  # tunelab.evaluation: a line per task score
     write_objective(output_dir / "objective.json", tracker, trainer, run_id, throughput.tokens_per_second if throughput else None)
     print("\n".join(["", "── tunelab run summary " + "─" * 40, *lines, ""]), flush=True)
 
