@@ -1,4 +1,4 @@
-"""Replays one rank's training step, saved by benchmarks/ddp_probe_train.py (PROBE_DUMP_STEP), on one GPU, to find
+"""Replays one rank's training step, saved by benchmarks/probes/ddp_probe_train.py (PROBE_DUMP_STEP), on one GPU, to find
 which op turns its gradient non-finite (issue 12, part 1).
 
 Builds the model as train.py does for the given overrides (same seed, so the same frozen base: the dump's checksum of
@@ -8,7 +8,7 @@ adapter gradients are non-finite, and the largest |gradient| of the residual str
 output, from the last layer back, so the first layer whose backward returns a non-finite value stands out. The first
 variant runs in anomaly mode, which names the backward op.
 
-    python benchmarks/replay_rank_step.py <rank<R>_step<N>.pt>... <train.py overrides>
+    python benchmarks/probes/replay_rank_step.py <rank<R>_step<N>.pt>... <train.py overrides>
 """
 
 import contextlib
@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU only to check this script
 sys.path.insert(0, str(ROOT / "src"))
 

@@ -1,7 +1,7 @@
-"""Prints benchmarks/ddp_probe_train.py's records side by side: per step, each rank's loss, local and reduced
+"""Prints benchmarks/probes/ddp_probe_train.py's records side by side: per step, each rank's loss, local and reduced
 gradient norms, whether any bucket held a non-finite value, and the largest activation.
 
-    python benchmarks/probe_summary.py <probe dir of one run (rank*.jsonl)>
+    python benchmarks/probes/probe_summary.py <probe dir of one run (rank*.jsonl)>
 """
 
 import json

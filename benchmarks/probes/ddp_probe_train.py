@@ -5,12 +5,12 @@ of its own gradient buckets before DDP's all-reduce (through a comm hook) and of
 checksum of the trainable weights (equal on every rank unless the replicas drift apart), and with PROBE_ACTIVATIONS=1
 the largest |activation| out of each decoder layer. PROBE_DUMP_STEP=N saves each rank's batch, trainable weights and
 RNG states as that step starts (rank<R>_step<N>.pt), to replay one rank's step on one GPU
-(benchmarks/replay_rank_step.py). For anomaly mode pass
+(benchmarks/probes/replay_rank_step.py). For anomaly mode pass
 `+trainer.detect_anomaly=true`: Lightning runs fit inside set_detect_anomaly(trainer.detect_anomaly), which turns
 off a mode switched on outside it (as this script once did, finding nothing). Host syncs every step: a diagnostic,
 not a benchmark.
 
-    python benchmarks/ddp_probe_train.py <train.py overrides>
+    python benchmarks/probes/ddp_probe_train.py <train.py overrides>
 """
 
 import json
@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import tunelab.callbacks  # noqa: E402
