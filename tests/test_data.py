@@ -7,7 +7,7 @@ import torch
 
 from tests.conftest import compose_config
 from tunelab.char_tokenizer import build_char_tokenizer
-from tunelab.data import IGNORE_INDEX, InstructionCollator, build_datamodule, ResumableSampler, split_prompt_answer, tokenize_example
+from tunelab.data import IGNORE_INDEX, InstructionCollator, build_datamodule, ResumableSampler, tokenize_example
 
 
 @pytest.fixture
@@ -45,16 +45,6 @@ def test_batches_pad_to_their_own_longest_row(tokenizer):
     collate = InstructionCollator(tokenizer.pad_token_id)
     assert collate([short, short])["input_ids"].shape == (2, len(short["input_ids"]))
     assert collate([short, long])["input_ids"].shape == (2, len(long["input_ids"]))
-
-
-def test_chat_rows_train_only_the_last_assistant_turn(tokenizer):
-    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
-                        {"role": "user", "content": "and?"}, {"role": "assistant", "content": "done"}]}
-    prompt, answer = split_prompt_answer(row, "chat", ("", ""), tokenizer)
-    assert "yo" in prompt and prompt.endswith("<assistant>") and answer == "done\n"
-    example = tokenize_example(prompt, answer, tokenizer, 256, add_bos=False)
-    learned = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
-    assert tokenizer.decode(learned) == "done\n</s>"
 
 
 def test_jsonl_file_in_alpaca_and_chat_format(tmp_path, dataset_cache, tokenizer):

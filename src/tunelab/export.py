@@ -48,7 +48,8 @@ def export_options(node: DictConfig | bool) -> ExportOptions:
 class PromptFormat:
     """How a run turned a row into the text the model is conditioned on, as tunelab.data renders a training row:
     `alpaca` fills a template (the one without `{input}` when there is no input) after the BOS token, `chat` is the
-    tokenizer's chat template up to the assistant's turn, None tokenizes the prompt as it is given."""
+    chat template the run used (saved with the tokenizer: model.chat_template, or the tokenizer's own) up to the
+    assistant's turn, None tokenizes the prompt as it is given."""
 
     format: str | None = None
     prompt_template: str = "{instruction}"
@@ -64,6 +65,14 @@ class PromptFormat:
             ids = tokenizer(template.format(instruction=instruction, input=input), add_special_tokens=False)["input_ids"]
             return ids if tokenizer.bos_token_id is None else [tokenizer.bos_token_id, *ids]
         return tokenizer(instruction)["input_ids"]
+
+    def stop_ids(self, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+        """Where an answer ends: the EOS, and for chat the end-of-turn token the chat template writes after one."""
+        if self.format == "chat":
+            from tunelab.data.chat import end_of_turn_ids
+
+            return end_of_turn_ids(tokenizer)
+        return [tokenizer.eos_token_id]
 
 
 # ── writing it (rank 0, at the end of a run) ──────────────────────────────────────────────────────────────────────
@@ -92,8 +101,9 @@ def export_run(cfg: DictConfig, trainer, model: PreTrainedModel, tokenizer: PreT
         if isinstance(model, PeftModel) and cfg.model.init == "random":  # the base was never saved: save it here
             base = BASE_DIR
             cpu_copy(model, weights).unload().save_pretrained(directory / base)
-    write_generation_config(directory, model, tokenizer)
-    settings = {"prompt": asdict(prompt_format(trainer.datamodule)), "base_model": base,
+    prompt = prompt_format(trainer.datamodule)
+    write_generation_config(directory, model, tokenizer, prompt.stop_ids(tokenizer))
+    settings = {"prompt": asdict(prompt), "base_model": base,
                 "trust_remote_code": cfg.model.trust_remote_code,
                 "fill_zero_embeddings": cfg.model.get("zero_embeddings", "fill") == "fill"}
     (directory / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
@@ -168,13 +178,15 @@ def merged_model(model, weights: dict[str, torch.Tensor] | None, model_cfg: Dict
     return copy.merge_and_unload().to(torch.bfloat16)
 
 
-def write_generation_config(directory: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+def write_generation_config(directory: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                            stop_ids: list[int] | None = None) -> None:
     """The model's generation config with the special tokens training used: every answer it learned ends with the
-    tokenizer's EOS, which need not be the one the base model's own config names."""
+    tokenizer's EOS, or with the end-of-turn token of its chat template (`stop_ids`), which need not be the ones the
+    base model's own config names."""
     from transformers import GenerationConfig
 
     config = deepcopy(getattr(model, "generation_config", None) or GenerationConfig())
-    config.eos_token_id = tokenizer.eos_token_id
+    config.eos_token_id = stop_ids if stop_ids and len(stop_ids) > 1 else tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     config.bos_token_id = tokenizer.bos_token_id
     config.save_pretrained(directory)

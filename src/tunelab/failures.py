@@ -1,11 +1,13 @@
 """Runs that fail in a way the user can act on end with one line saying what to change, not a traceback: a diverged
-run (tunelab.callbacks.DivergenceGuard) and a GPU that ran out of memory."""
+run (tunelab.callbacks.DivergenceGuard), a GPU that ran out of memory, and data found unusable only as it is
+tokenized (a chat template that rewrites earlier turns in a row the up-front check did not reach)."""
 
 import torch
 from lightning.pytorch import Trainer
 from omegaconf import DictConfig
 
 from tunelab.callbacks import TrainingDiverged
+from tunelab.data.chat import TemplateRewritesTurns
 
 # How CUDA libraries report an allocation that failed; cuBLAS's comes as a plain RuntimeError.
 OUT_OF_MEMORY_MARKERS = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
@@ -38,7 +40,7 @@ def out_of_memory_advice(cfg: DictConfig, trainer: Trainer) -> str:
 
 def explain_failure(error: BaseException, cfg: DictConfig, trainer: Trainer) -> str | None:
     """The one line for a failure the user can act on, or None for one whose traceback is the best report."""
-    if isinstance(error, TrainingDiverged):
+    if isinstance(error, (TrainingDiverged, TemplateRewritesTurns)):
         return str(error)
     if is_out_of_memory(error):
         return out_of_memory_advice(cfg, trainer)

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tunelab.config import ConfigError, one_line, show
 
 FORMAT_FIELDS = {
     "alpaca": "instruction and output strings (input optional)",
-    "chat": "messages, a list of {role, content} strings ending with an assistant message",
+    "chat": "messages, a list of {role, content} strings",
 }
 FORMAT_COLUMNS = {"alpaca": {"instruction", "output"}, "chat": {"messages"}}
 
@@ -45,19 +45,37 @@ def check_inputs(cfg: DictConfig, tokenizer) -> None:
 # ---- data ----------------------------------------------------------------------------------------------------------
 
 def check_data_rows(data: DictConfig, tokenizer) -> None:
+    if data.get("sources"):
+        for source in source_options(data):
+            check_data_rows(source, tokenizer)
+        return
     if data.source == "hub":
-        check_hub_dataset(data)
+        if check_hub_dataset(data) == "chat" or data.format == "chat":
+            check_chat_template(tokenizer, f"data.path={data.path}")
     elif data.source == "jsonl":
         check_rows_file(Path(data.path).expanduser(), f"data.path={data.path}", data, tokenizer)
-    elif data.source == "tiny":
+    elif data.source in ("tiny", "tiny_chat"):
         from tunelab.data import tiny_task_file
 
-        path = tiny_task_file(data.cache_dir, data.num_examples, data.seed)
-        check_rows_file(path, "data=tiny", data, tokenizer)
+        path = tiny_task_file(data.cache_dir, data.num_examples, data.seed, chat=data.source == "tiny_chat")
+        check_rows_file(path, f"data={data.source}", data, tokenizer)
 
 
-def check_hub_dataset(data: DictConfig) -> None:
-    """Resolves the dataset on the Hub (or in the cache) without downloading its rows."""
+def source_options(data: DictConfig) -> list[DictConfig]:
+    """Each of data.sources as a data option of its own, checked as one; a source need only hold out its validation
+    rows and give one training row, since the mix's batches draw from all of them."""
+    from tunelab.data.mixing import mix_sources
+
+    sources = mix_sources(data.sources, source=data.source, path=data.path, split=data.split, format=data.format,
+                          num_examples=data.num_examples)
+    return [OmegaConf.merge(data, {"sources": None, "source": s.source, "path": s.path, "split": s.split,
+                                   "format": s.format, "num_examples": s.num_examples, "batch_size": 1, "packing": False})
+            for s in sources]
+
+
+def check_hub_dataset(data: DictConfig) -> str | None:
+    """Resolves the dataset on the Hub (or in the cache) without downloading its rows; its format, where its columns
+    are known."""
     import datasets
 
     try:
@@ -75,32 +93,40 @@ def check_hub_dataset(data: DictConfig) -> None:
         if not FORMAT_COLUMNS[fmt] <= columns:
             raise ConfigError(f"data.path={data.path} has columns {', '.join(sorted(columns))}, and data.format={fmt} "
                               f"rows need {FORMAT_FIELDS[fmt]}")
+        return fmt
+    return None
 
 
 def check_rows_file(path: Path, label: str, data: DictConfig, tokenizer) -> None:
     """Every row well-formed for the data format, and enough rows with an answer within data.max_length to hold out
     data.val_size and train on a batch. Tokenizes only until there are enough, so a good file costs two JSON scans."""
-    from tunelab.data import IGNORE_INDEX, tokenize_example
+    from tunelab.data.rows import RowTokenizer, is_trained
 
     fmt = resolve_format(data.format, file_columns(path, label), label)
-    if fmt == "chat" and not tokenizer.chat_template:
-        raise ConfigError(f"{label} holds chat rows, and the tokenizer has no chat template: use a chat (instruct) "
-                          "model's tokenizer, or alpaca rows")
-    templates = (data.prompt_template, data.prompt_template_no_input)
-    usable, rows = 0, 0
+    if fmt == "chat":
+        check_chat_template(tokenizer, label)
+    tokenize = RowTokenizer(fmt, (data.prompt_template, data.prompt_template_no_input), tokenizer, data.max_length,
+                            data.get("train_on", "all_assistant"), data.get("truncation", "cut_turns"))
+    # A template that rewrites earlier turns shows only in a row with two assistant turns: look on until one is seen.
+    multi_turn_seen = fmt != "chat" or data.get("train_on", "all_assistant") == "last_assistant"
+    usable, answered, rows = 0, 0, 0
     for where, row in read_rows(path, label):
         if rows == data.num_examples:
             break
         rows += 1
         if problem := row_problem(row, fmt):
             raise ConfigError(f"{label} {where} {problem}; {format_hint(row, fmt, data.format)}")
-        if not trains_a_batch(usable, data):
-            prompt, answer = prompt_and_answer(row, fmt, templates, tokenizer, f"{label} {where}")
-            example = tokenize_example(prompt, answer, tokenizer, data.max_length, add_bos=fmt == "alpaca")
-            usable += any(token != IGNORE_INDEX for token in example["labels"])
+        multi_turn = fmt == "chat" and sum(message["role"] == "assistant" for message in row["messages"]) > 1
+        if not trains_a_batch(usable, data) or (multi_turn and not multi_turn_seen):
+            example = tokenized_row(tokenize, row, f"{label} {where}")
+            usable += is_trained(example)
+            answered += example["fate"] != "untrained"
+            multi_turn_seen |= multi_turn
+    if answered == 0:
+        raise ConfigError(f"{label}: no row has an assistant message, so there is nothing to train on")
     if usable == 0:
-        raise ConfigError(f"{label}: no row has an answer token within data.max_length={data.max_length} (each prompt "
-                          "fills it): raise data.max_length")
+        raise ConfigError(f"{label}: no row has an answer token within data.max_length={data.max_length} (each "
+                          "answer starts past it): raise data.max_length")
     if not trains_a_batch(usable, data):
         train, val = split_sizes(usable, data.val_size)
         raise ConfigError(f"{label} has {usable} rows with an answer within data.max_length: {val} held out "
@@ -179,8 +205,6 @@ def row_problem(row: dict, fmt: str) -> str | None:
     for number, message in enumerate(messages, 1):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
             return f"has message {number} {snippet(message)}, which is not a role and a content string"
-    if messages[-1]["role"] != "assistant":
-        return f"ends with a {messages[-1]['role']} message, not the assistant's answer the model learns"
     return None
 
 
@@ -191,15 +215,22 @@ def format_hint(row: dict, fmt: str, configured: str) -> str:
     return f"data.format={fmt} rows need {FORMAT_FIELDS[fmt]}"
 
 
-def prompt_and_answer(row: dict, fmt: str, templates: tuple[str, str], tokenizer, where: str) -> tuple[str, str]:
+def check_chat_template(tokenizer, label: str) -> None:
+    if not tokenizer.chat_template:
+        raise ConfigError(f"{label} holds chat rows, and the tokenizer has no chat template: give one with "
+                          "model.chat_template= (a Jinja template, or the path of a file holding one), use a chat "
+                          "(instruct) model's tokenizer, or alpaca rows")
+
+
+def tokenized_row(tokenize, row: dict, where: str) -> dict:
     from jinja2 import TemplateError
 
-    from tunelab.data import split_prompt_answer
-
     try:
-        return split_prompt_answer(row, fmt, templates, tokenizer)
+        return tokenize(row)
+    except ConfigError as error:  # tunelab.data.chat.TemplateRewritesTurns
+        raise ConfigError(f"{where}: {error}") from error
     except (TemplateError, ValueError) as error:  # a chat template may refuse a conversation (raise_exception)
-        raise ConfigError(f"{where}: the tokenizer's chat template refuses this row: {one_line(error)}") from error
+        raise ConfigError(f"{where}: the chat template refuses this row: {one_line(error)}") from error
 
 
 def split_sizes(rows: int, val_size: float) -> tuple[int, int]:

@@ -10,18 +10,26 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
                           PreTrainedTokenizerBase)
 
 from tunelab.char_tokenizer import build_char_tokenizer
+from tunelab.config import chat_template_text
 
 log = logging.getLogger(__name__)
 
 
 def build_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
     if cfg.tokenizer == "char":
-        return build_char_tokenizer()
+        return with_chat_template(build_char_tokenizer(), cfg)
     source = cfg.tokenizer or cfg.name_or_path
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None:
         # Llama ships no pad token. Padding positions get label -100 from the collator, so reusing EOS is safe.
         tokenizer.pad_token = tokenizer.eos_token
+    return with_chat_template(tokenizer, cfg)
+
+
+def with_chat_template(tokenizer: PreTrainedTokenizerBase, cfg: DictConfig) -> PreTrainedTokenizerBase:
+    """model.chat_template in place of the tokenizer's own; save_pretrained writes it into the export with it."""
+    if cfg.get("chat_template") is not None:
+        tokenizer.chat_template = chat_template_text(cfg.chat_template)
     return tokenizer
 
 

@@ -18,16 +18,19 @@ TABLE = "generation_samples.json"  # an MLflow table (log_table), which the UI's
 
 def fixed_prompts(rows, eos_token_id: int, count: int) -> list[tuple[list[int], list[int]]]:
     """(prompt, expected answer) token ids of the first `count` rows with a prompt and a whole answer: label -100 marks
-    the prompt, and an answer that max_length did not cut ends with EOS. Rows of another form than tunelab's tokenized
-    rows (mappings with input_ids and labels), as a user's data module may hold, give none."""
+    the prompt, and an answer that max_length did not cut ends with EOS (a chat row's answer: its first assistant
+    turn). Rows of another form than tunelab's tokenized rows (mappings with input_ids and labels), as a user's data
+    module may hold, give none."""
     prompts = []
     for row in rows:
         if not isinstance(row, Mapping) or not {"input_ids", "labels"} <= row.keys():
             return []
         labels = row["labels"]
         start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), 0)
-        if start > 0 and labels[-1] == eos_token_id:
-            prompts.append((list(row["input_ids"][:start]), list(labels[start:])))
+        # A chat row's first assistant turn: its answer ends where the next unlabelled token (a user turn) starts.
+        end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
+        if start > 0 and labels[end - 1] == eos_token_id:
+            prompts.append((list(row["input_ids"][:start]), list(labels[start:end])))
             if len(prompts) == count:
                 break
     return prompts

@@ -22,9 +22,19 @@ def make_example(rng: random.Random) -> dict[str, str]:
     return {"instruction": instruction, "input": word, "output": OPERATIONS[instruction](word)}
 
 
-def write_tiny_task(directory: Path, num_examples: int, seed: int) -> Path:
-    """Writes the task as alpaca-style JSON lines once per (size, seed) and returns the file's path."""
-    path = Path(directory) / f"tiny-task-v{TASK_VERSION}-{num_examples}-seed{seed}.jsonl"
+def make_conversation(rng: random.Random) -> dict[str, list[dict[str, str]]]:
+    """Two turns over one word, each answer a different function of it: `reverse abc` → `cba`, then `upper` → `ABC`
+    (the word from the first turn). A model trained only on the last turn never learns the first answer."""
+    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+    return {"messages": [{"role": "user", "content": f"reverse {word}"}, {"role": "assistant", "content": word[::-1]},
+                         {"role": "user", "content": "upper"}, {"role": "assistant", "content": word.upper()}]}
+
+
+def write_tiny_task(directory: Path, num_examples: int, seed: int, chat: bool = False) -> Path:
+    """Writes the task as JSON lines once per (size, seed) and returns the file's path: alpaca-style rows, or
+    two-turn chat rows (make_conversation) where `chat`."""
+    kind = "chat-" if chat else ""
+    path = Path(directory) / f"tiny-task-v{TASK_VERSION}-{kind}{num_examples}-seed{seed}.jsonl"
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +42,6 @@ def write_tiny_task(directory: Path, num_examples: int, seed: int) -> Path:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with tmp.open("w") as f:
         for _ in range(num_examples):
-            f.write(json.dumps(make_example(rng)) + "\n")
+            f.write(json.dumps(make_conversation(rng) if chat else make_example(rng)) + "\n")
     tmp.replace(path)  # atomic, so parallel sweep workers never read half a file
     return path

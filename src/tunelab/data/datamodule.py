@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.collators import InstructionCollator, PackedCollator
-from tunelab.data.formats import (IGNORE_INDEX, TOKENIZATION_VERSION, detect_format, split_prompt_answer,
-                                  tokenize_example, tokenizer_fingerprint)
+from tunelab.data.formats import TOKENIZATION_VERSION, detect_format, tokenizer_fingerprint
+from tunelab.data.rows import RowTokenizer, count_fates, is_trained, report_rows
 from tunelab.data.samplers import PackedBatchSampler, resumable_sampler, resume_position
 from tunelab.targets import build_target
 from tunelab.tiny_task import write_tiny_task
@@ -24,15 +24,16 @@ from tunelab.tiny_task import write_tiny_task
 log = logging.getLogger(__name__)
 
 
-def tiny_task_file(cache_dir: str, num_examples: int, seed: int) -> Path:
-    """The embedded task's rows as a JSON-lines file, written once per (size, seed) under the cache."""
-    return write_tiny_task(Path(cache_dir) / "tiny_task", num_examples, seed)
+def tiny_task_file(cache_dir: str, num_examples: int, seed: int, chat: bool = False) -> Path:
+    """The embedded task's rows (two-turn conversations where `chat`) as a JSON-lines file, written once per (size,
+    seed) under the cache."""
+    return write_tiny_task(Path(cache_dir) / "tiny_task", num_examples, seed, chat)
 
 
 def load_rows(source: str, path: str | None, split: str, num_examples: int | None, cache_dir: str, seed: int) -> Dataset:
     datasets_cache = str(Path(cache_dir) / "datasets")
-    if source == "tiny":
-        path = str(tiny_task_file(cache_dir, num_examples, seed))
+    if source in ("tiny", "tiny_chat"):
+        path = str(tiny_task_file(cache_dir, num_examples, seed, chat=source == "tiny_chat"))
         source = "jsonl"
     if source == "jsonl":
         rows = load_dataset("json", data_files=path, split="train", cache_dir=datasets_cache)
@@ -63,6 +64,8 @@ class InstructionDataModule(pl.LightningDataModule):
         cache_dir: str,
         packing: bool = False,
         pack_tokens: int | None = None,
+        train_on: str = "all_assistant",
+        truncation: str = "cut_turns",
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -78,6 +81,9 @@ class InstructionDataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.packing = packing
         self.pack_tokens = pack_tokens or batch_size * max_length
+        self.train_on, self.truncation = train_on, truncation
+        self.resolved_format: str | None = None
+        self.row_fates: dict[str, int] | None = None
         self.train: Dataset | None = None
         self.val: Dataset | None = None
 
@@ -93,23 +99,22 @@ class InstructionDataModule(pl.LightningDataModule):
         if self.max_val_examples is not None and len(self.val) > self.max_val_examples:
             self.val = self.val.select(range(self.max_val_examples))
         log.info("data: %d train / %d val examples", len(self.train), len(self.val))
+        template = self.tokenizer.get_chat_template() if self.resolved_format == "chat" else None
+        report_rows(self.row_fates, self.max_length, self.truncation, self.trainer, template)
 
     def tokenized(self) -> Dataset:
         rows = load_rows(self.source, self.path, self.split, self.num_examples, self.cache_dir, self.seed)
         fmt = detect_format(rows.column_names) if self.format == "auto" else self.format
-        tokenizer, templates, max_length = self.tokenizer, self.templates, self.max_length
-
-        def tokenize(row: dict) -> dict:
-            prompt, answer = split_prompt_answer(row, fmt, templates, tokenizer)
-            return tokenize_example(prompt, answer, tokenizer, max_length, add_bos=fmt == "alpaca")
-
-        fingerprint = hashlib.sha256(
-            json.dumps([rows._fingerprint, tokenizer_fingerprint(tokenizer), fmt, templates, max_length, TOKENIZATION_VERSION]).encode()
-        ).hexdigest()[:16]
-        tokenized = rows.map(tokenize, remove_columns=rows.column_names, new_fingerprint=fingerprint, desc="tokenizing")
-        # A prompt longer than max_length leaves nothing to learn from.
-        return tokenized.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]),
-                                new_fingerprint=f"{fingerprint}-answerable")
+        self.resolved_format = fmt
+        tokenize = RowTokenizer(fmt, self.templates, self.tokenizer, self.max_length, self.train_on, self.truncation)
+        fingerprint = hashlib.sha256(json.dumps([
+            rows._fingerprint, tokenizer_fingerprint(self.tokenizer), fmt, self.templates, self.max_length,
+            self.train_on, self.truncation, TOKENIZATION_VERSION]).encode()).hexdigest()[:16]
+        tokenized = rows.map(tokenize, with_indices=True, remove_columns=rows.column_names, new_fingerprint=fingerprint,
+                             desc="tokenizing")
+        self.row_fates = count_fates(tokenized["fate"])
+        # Rows too long to fit, or with no assistant turn, leave nothing to learn from.
+        return tokenized.filter(is_trained, new_fingerprint=f"{fingerprint}-trained").remove_columns("fate")
 
     def _val_count(self) -> int | float:
         return int(self.val_size) if self.val_size >= 1 else self.val_size

@@ -1,5 +1,5 @@
-"""Rows → text → token ids: a row's format (alpaca or chat), the prompt it is conditioned on and the answer it learns,
-and their tokenization with the prompt masked out of the labels."""
+"""A row's format (alpaca or chat); an alpaca row's prompt and answer, tokenized with the prompt masked out of the
+labels (chat rows: tunelab.data.chat; both fitted to data.max_length: tunelab.data.rows)."""
 
 import hashlib
 import json
@@ -7,8 +7,8 @@ import json
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
-# Bump when tokenize_example changes, so cached tokenizations made by older code are not reused.
-TOKENIZATION_VERSION = 1
+# Bump when a row's tokenization changes, so cached tokenizations made by older code are not reused.
+TOKENIZATION_VERSION = 2
 
 
 def detect_format(columns: list[str]) -> str:
@@ -22,19 +22,11 @@ def detect_format(columns: list[str]) -> str:
     )
 
 
-def split_prompt_answer(row: dict, fmt: str, templates: tuple[str, str], tokenizer: PreTrainedTokenizerBase) -> tuple[str, str]:
-    """The text the model is conditioned on and the text it learns to produce."""
-    if fmt == "alpaca":
-        with_input, without_input = templates
-        template = with_input if row.get("input") else without_input
-        return template.format(instruction=row["instruction"], input=row.get("input", "")), row["output"]
-    messages = row["messages"]
-    if messages[-1]["role"] != "assistant":
-        raise ValueError("a chat row must end with an assistant message, the one the model learns")
-    prompt = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    answer = full[len(prompt):] if full.startswith(prompt) else messages[-1]["content"]
-    return prompt, answer
+def split_prompt_answer(row: dict, templates: tuple[str, str]) -> tuple[str, str]:
+    """An alpaca row's prompt (the template without `{input}` where it has no input) and the answer it learns."""
+    with_input, without_input = templates
+    template = with_input if row.get("input") else without_input
+    return template.format(instruction=row["instruction"], input=row.get("input", "")), row["output"]
 
 
 def tokenize_example(prompt: str, answer: str, tokenizer: PreTrainedTokenizerBase, max_length: int, add_bos: bool) -> dict:
