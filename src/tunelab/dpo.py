@@ -1,0 +1,263 @@
+"""`module=dpo`: Direct Preference Optimization of a causal LM on preference pairs (tunelab.data.preference).
+
+The policy's log-probability of each side's answer, against the reference policy's, gives each side an implicit reward
+beta * (log pi(y|x) - log pi_ref(y|x)); the loss pushes the chosen reward above the rejected one:
+
+- `sigmoid`: -log sigmoid(beta * margin), DPO (Rafailov et al. 2023);
+- `ipo`: (margin per answer token - 1 / (2 beta))^2, IPO (Azar et al. 2023), each side's log-ratio averaged over its
+  answer tokens as trl does;
+- `robust`: sigmoid DPO unbiased for preference labels flipped with probability `label_smoothing` (Chowdhury et al.
+  2024).
+
+The reference is the model as the run found it (an SFT export: model.name_or_path=<run>/export), kept without a
+second copy where that can be: the same model with its LoRA adapter switched off (peft's `disable_adapter()`); a frozen
+copy for a full fine-tune; or (`reference=precomputed`) each pair's log-probabilities computed once before the first
+step and kept in the checkpoint, so a resumed full fine-tune does not take its trained weights for the reference.
+
+Chosen and rejected go through the model in one forward (the collator stacks them). With the fused loss path
+(kernels.loss=chunked or liger, the default on GPUs) the log-probabilities of the answer tokens come from the last
+hidden state and the output projection a chunk of tokens at a time, never the (tokens x vocab) logits.
+Checked against trl's DPOTrainer in tests/test_dpo.py.
+"""
+
+from contextlib import nullcontext
+from copy import deepcopy
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+from torch import nn
+from transformers import PreTrainedModel
+
+from tunelab.data.formats import IGNORE_INDEX
+from tunelab.module import CausalLMModule, model_loss
+
+LOSS_TYPES = ("sigmoid", "ipo", "robust")
+REFERENCES = ("auto", "adapter", "copy", "precomputed")
+FORWARD_KEYS = ("input_ids", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy", "logps/chosen", "logps/rejected")
+
+
+# ── the loss ──────────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, reference_chosen: torch.Tensor,
+             reference_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+             chosen_tokens: torch.Tensor | None = None, rejected_tokens: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-pair loss, chosen rewards, rejected rewards) from per-sequence summed log-probabilities; `*_tokens`: each
+    side's answer-token count, which `ipo` averages over."""
+    chosen_ratio = chosen_logps - reference_chosen
+    rejected_ratio = rejected_logps - reference_rejected
+    margin = beta * (chosen_ratio - rejected_ratio)
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(margin)
+    elif loss_type == "robust":
+        losses = (-(1 - label_smoothing) * F.logsigmoid(margin) + label_smoothing * F.logsigmoid(-margin)) \
+            / (1 - 2 * label_smoothing)
+    elif loss_type == "ipo":
+        per_token = chosen_ratio / chosen_tokens.clamp(min=1) - rejected_ratio / rejected_tokens.clamp(min=1)
+        losses = (per_token - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"module.loss_type={loss_type} is not one of: {', '.join(LOSS_TYPES)}")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def reward_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+                   rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The batch means trl logs (its `rewards/margins` and `rewards/accuracies` named in the singular)."""
+    return {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+            "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+            "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+            "logps/chosen": chosen_logps.detach().mean(), "logps/rejected": rejected_logps.detach().mean()}
+
+
+# ── log-probabilities of the answer tokens ────────────────────────────────────────────────────────────────────────
+
+
+class ChunkedTargetLogProbs(torch.autograd.Function):
+    """log softmax(hidden @ weight.T)[target] for each row, `chunk` rows at a time: memory is chunk x vocab, never
+    rows x vocab. The backward pass computes each chunk's logits again (one more matmul) instead of keeping them."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk = chunk
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # bf16 up to fp32, fp64 stays
+        out = torch.empty(hidden.size(0), dtype=dtype, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk):
+            logits = (hidden[start:start + chunk] @ weight.T).to(dtype)
+            target = targets[start:start + chunk, None]
+            out[start:start + chunk] = (logits.gather(1, target) - logits.logsumexp(-1, keepdim=True)).squeeze(1)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, targets = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        dtype = torch.promote_types(hidden.dtype, torch.float32)
+        for start in range(0, hidden.size(0), ctx.chunk):
+            rows = hidden[start:start + ctx.chunk]
+            logits = (rows @ weight.T).to(dtype)
+            # d logp[target] / d logits = one_hot(target) - softmax(logits)
+            grad_logits = -logits.softmax(-1)
+            grad_logits.scatter_add_(1, targets[start:start + ctx.chunk, None], torch.ones_like(grad_logits[:, :1]))
+            grad_logits = (grad_logits * grad_out[start:start + ctx.chunk, None]).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:start + ctx.chunk] = grad_logits @ weight
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.T, rows)
+        return grad_hidden, grad_weight, None, None
+
+
+def forward_inputs(batch: dict) -> dict:
+    """What the model is called with: the token ids (and a packed row's positions and bounds), none of the batch's
+    labels, padding mask (right padding: causal attention keeps real tokens off it) or pair indices."""
+    return {key: batch[key] for key in FORWARD_KEYS if key in batch}
+
+
+def sequence_logps(model: nn.Module, batch: dict, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed log-probability of each row's labelled tokens, their count), in float32 or wider. `chunk_size`: from the
+    last hidden state a chunk of labelled tokens at a time (no logits); None: from the model's own logits."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    labelled = targets != IGNORE_INDEX
+    counts = (labels != IGNORE_INDEX).sum(1)
+    if chunk_size is None:
+        logits = model(**forward_inputs(batch), use_cache=False).logits[:, :-1]
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        token_logps = logits.log_softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
+        return (token_logps * labelled).sum(1), counts
+    from tunelab.kernels import decoder_and_head
+
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(**forward_inputs(batch), use_cache=False).last_hidden_state[:, :-1]
+    rows, columns = labelled.nonzero(as_tuple=True)
+    token_logps = ChunkedTargetLogProbs.apply(hidden[rows, columns], head.weight, targets[rows, columns], chunk_size)
+    return token_logps.new_zeros(labels.size(0)).index_add(0, rows, token_logps), counts
+
+
+# ── the module ────────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def reference_kind(reference: str, model: nn.Module) -> str:
+    if reference != "auto":
+        return reference
+    return "adapter" if hasattr(model, "disable_adapter") else "copy"
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """The model as it is now, frozen, in eval mode. Compiled layers (kernels.compile=layers) are made eager in the
+    copy: their compiled call would be copied bound to the original layer, which then trains."""
+    copy = deepcopy(model).requires_grad_(False).eval()
+    for module in copy.modules():
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            module._compiled_call_impl = None
+    return copy
+
+
+class DPOModule(CausalLMModule):
+    """A causal LM trained on preference pairs with the DPO loss (module docstring). Logs train/ and val/ loss,
+    rewards/{chosen,rejected,margin,accuracy} and logps/{chosen,rejected}.
+
+    `reference`: auto (the adapter switched off for LoRA/QLoRA, a frozen copy for a full fine-tune), adapter, copy, or
+    precomputed. `loss`: tunelab's training loss (tunelab.kernels); where it is the fused one, the log-probabilities
+    are computed the fused way too, with its chunk size."""
+
+    def __init__(self, model: PreTrainedModel, optim: DictConfig, beta: float = 0.1, loss_type: str = "sigmoid",
+                 label_smoothing: float = 0.0, reference: str = "auto", adapter_only_checkpoints: bool = False,
+                 loss=model_loss):
+        super().__init__(model, optim, adapter_only_checkpoints, loss)
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.chunk_size = getattr(loss, "chunk_size", None)
+        self.reference = reference_kind(reference, model)
+        if self.reference == "adapter" and not hasattr(model, "disable_adapter"):
+            raise ValueError("module.reference=adapter needs an adapter to switch off: use peft=lora, or reference=auto")
+        # In a list, not as a submodule: not trained, not in checkpoints (rebuilt from the same base on a resume),
+        # not wrapped by DDP.
+        self.frozen = [frozen_copy(model)] if self.reference == "copy" else []
+        self.reference_table: dict[str, torch.Tensor] = {}  # reference=precomputed: split -> (pairs, 2)
+
+    # ── one batch ──
+
+    def pair_loss(self, batch: dict, split: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps, counts = sequence_logps(self.model, batch, self.chunk_size)  # chosen and rejected in one forward
+        reference = self.reference_logps(batch, split).to(logps)
+        chosen, rejected = logps.chunk(2)
+        reference_chosen, reference_rejected = reference.chunk(2)
+        chosen_tokens, rejected_tokens = counts.chunk(2)
+        losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, reference_chosen, reference_rejected,
+                                                            self.beta, self.loss_type, self.label_smoothing,
+                                                            chosen_tokens, rejected_tokens)
+        return losses.mean(), reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict, split: str) -> torch.Tensor:
+        if self.reference == "precomputed":
+            pairs = self.reference_table[split].to(batch["index"].device)[batch["index"]]
+            return torch.cat([pairs[:, 0], pairs[:, 1]])
+        if self.reference == "adapter":
+            with self.model.disable_adapter():
+                return sequence_logps(self.model, batch, self.chunk_size)[0]
+        return sequence_logps(self.frozen_model(), batch, self.chunk_size)[0]
+
+    def frozen_model(self) -> nn.Module:
+        copy = self.frozen[0]
+        if next(copy.parameters()).device != self.device:
+            copy.to(self.device)
+        return copy
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, metrics = self.pair_loss(batch, "train")
+        pairs = batch["input_ids"].size(0) // 2
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=pairs)
+        self.log_dict({f"train/{name}": value for name, value in metrics.items()}, on_step=True, on_epoch=False,
+                      batch_size=pairs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, metrics = self.pair_loss(batch, "val")
+        pairs = batch["input_ids"].size(0) // 2
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=pairs)
+        self.log("val/rewards/accuracy", metrics.pop("rewards/accuracy"), prog_bar=True, sync_dist=True, batch_size=pairs)
+        self.log_dict({f"val/{name}": value for name, value in metrics.items()}, sync_dist=True, batch_size=pairs)
+
+    # ── precomputed reference log-probabilities ──
+
+    def on_fit_start(self) -> None:
+        for split in ("train", "val"):
+            self.precompute_reference(split)
+
+    def on_validation_start(self) -> None:
+        self.precompute_reference("val")
+
+    @torch.no_grad()
+    def precompute_reference(self, split: str) -> None:
+        """Every pair's reference log-probabilities (chosen, rejected) for one split, once, from the model as training
+        finds it (its adapter off), before the first step of a run; a resumed run reads them from its checkpoint."""
+        if self.reference != "precomputed" or split in self.reference_table:
+            return
+        datamodule = self.trainer.datamodule
+        loader = datamodule.pairs_loader(split)
+        table = torch.empty(len(loader.dataset), 2, dtype=torch.float64)
+        was_training = self.model.training
+        self.model.eval()
+        adapter_off = self.model.disable_adapter() if hasattr(self.model, "disable_adapter") else nullcontext()
+        with adapter_off, self.trainer.precision_plugin.forward_context():
+            for batch in loader:
+                batch = {key: value.to(self.device) for key, value in batch.items()}
+                logps = sequence_logps(self.model, batch, self.chunk_size)[0].double().cpu()
+                table[batch["index"].cpu()] = torch.stack(logps.chunk(2), dim=1)
+        self.model.train(was_training)
+        self.reference_table[split] = table
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.reference_table:
+            checkpoint["dpo_reference_logps"] = dict(self.reference_table)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.reference_table = dict(checkpoint.get("dpo_reference_logps", {}))
+
