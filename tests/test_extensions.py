@@ -41,19 +41,38 @@ def webhook():
     server.server_close()
 
 
+SAVES_TO_LOG_DIR = """
+from pathlib import Path
+
+import lightning.pytorch as pl
+
+
+class SaveToLogDir(pl.Callback):
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        (Path(trainer.log_dir or ".") / "saved_by_callback.txt").write_text(str(trainer.global_step))
+"""
+
+
 def test_own_callback_and_data_module_train_through_train_py(tmp_path, dataset_cache, webhook):
     url, received = webhook
     run_dir = tmp_path / "run"
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "saves_to_log_dir.py").write_text(SAVES_TO_LOG_DIR)  # a common pattern: save beside each checkpoint
     result = run_train([*FAST, "data._target_=sort_data.SortLettersDataModule",
                         "+callbacks.notify._target_=notify.NotifyOnFinish", f"+callbacks.notify.url={url}",
-                        "+callbacks.notify.threshold=100"],
-                       run_dir, dataset_cache, extra_env={"PYTHONPATH": str(EXAMPLES)})
+                        "+callbacks.notify.threshold=100", "+callbacks.save._target_=saves_to_log_dir.SaveToLogDir"],
+                       run_dir, dataset_cache, extra_env={"PYTHONPATH": f"{EXAMPLES}:{own}"})
+
+    # trainer.log_dir is the run dir under the MLflow logger too, where Lightning's answer is None
+    assert (run_dir / "saved_by_callback.txt").read_text() == "20" and not (ROOT / "saved_by_callback.txt").exists()
 
     # the user's DataModule, given the tokenizer, fed the run in place of tunelab's
     assert "sort_data: 380 train / 20 val rows" in result.stdout and "val examples" not in result.stdout
     objective = json.loads((run_dir / "objective.json").read_text())
     threshold, finished = received
-    assert threshold["event"] == "threshold" and threshold["step"] == 10 and threshold["value"] < 100
+    # the base model's validation before the first step (validate_at_start) is the first one the callback sees
+    assert threshold["event"] == "threshold" and threshold["step"] == 0 and threshold["value"] < 100
     assert finished["event"] == "finished" and finished["step"] == 20
     assert finished["best"] == pytest.approx(objective["objective"]) and finished["metric"] == "val/loss"
     assert finished["run_id"] == objective["mlflow_run_id"]
