@@ -8,12 +8,18 @@ trial-steps spent and the regret of the best found against the unpruned sweep of
 interquartile range); and how well a validation ranks the configurations by their final loss (Kendall tau), on the
 raw-step clock at each validation and on the LR-area clock at the schedule-aligned rungs.
 
+Beside each pruner, "first_K" rows are unpruned sweeps of only the first K proposals (regret against the full sweep
+of the same seed): a pruner is worth shipping only where it beats fewer trials at equal trial-steps. With a signal
+other than the validation loss (--signal cooled | ema, where the curves recorded it), a trial reports that signal at
+every validation but its last, and a cooled fork's steps are charged to its trial-steps.
+
 The replay snaps each proposal to the nearest recorded configuration, so two trials that snap alike share one curve
 exactly, which flatters a pruner that projects a trial by its neighbour's curve. The live sweeps' table has no such
 snapping: unpruned sweeps run live (benchmarks/sweep_efficiency.sh), replayed in their own order with their own curves
 (the params as proposed), each pruner deciding as they come; there only pruning differs, the proposals stay.
 
 Usage: python benchmarks/pruning_replay.py [curves.json] [--seeds 10] [--trials 20] [--live benchmarks/live_sweeps.json]
+       [--samplers tpe,random,gp] [--signals loss,cooled,ema] [--pruners none,nearest_bound,...]
 """
 
 import argparse
@@ -26,7 +32,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CURVES = ROOT / "benchmarks" / "pruning_curves.json"
 LIVE = ROOT / "benchmarks" / "live_sweeps.json"
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "random", "gp")
+FEWER_TRIALS = (7, 10, 14)  # unpruned sweeps of only the first K proposals, the baseline every pruner must beat
+SIGNALS = ("loss", "cooled", "ema")  # what a trial reports: its validation loss, a cooled fork's, its EMA weights
 # name: (config in conf/hydra/sweeper/pruner, overrides); "first_validation_after_warmup" is filled in per curve set.
 PRUNERS = {
     "none": ("none", {}),
@@ -72,6 +80,10 @@ def build_sampler(name: str, seed: int):
     from hydra_plugins.hydra_optuna_sweeper.config import RandomSamplerConfig, TPESamplerConfig
     from omegaconf import OmegaConf
 
+    if name == "gp":  # as conf/hydra/sweeper/sampler/gp.yaml builds it (hydra-optuna-sweeper has no config for it)
+        import optuna
+
+        return optuna.samplers.GPSampler(seed=seed)
     config = {"tpe": TPESamplerConfig, "random": RandomSamplerConfig}[name]
     return instantiate(OmegaConf.structured(config), seed=seed, _execution_whitelist_=["optuna.samplers.*"])
 
@@ -95,8 +107,28 @@ def first_validation_after_warmup(recorded: dict) -> int:
     return min(step for step, _, _ in recorded["curves"][0]["points"] if step >= warmup)
 
 
-def replay_sweep(recorded: dict, space: dict, sampler: str, pruner: str, seed: int, n_trials: int) -> dict:
-    """One sweep: {"best": best objective of the complete trials, "trial_steps": steps trained over all trials}."""
+def reports(curve: dict, signal: str) -> list[tuple[int, float, float, int]]:
+    """(step, lr_area, value reported, trial-steps spent so far) per validation of a curve: under a signal, its value
+    at every validation but the last (which is the trial's own loss), a fork's steps charged from its first use."""
+    points = curve["points"]
+    if signal == "loss":
+        return [(step, area, loss, step) for step, area, loss in points]
+    values = dict(map(tuple, curve[signal]))
+    fork_steps = curve.get("fork_steps", 0) if signal == "cooled" else 0
+    out, forks = [], 0
+    for index, (step, area, loss) in enumerate(points):
+        last = index == len(points) - 1
+        if not last and step in values:
+            forks += 1
+        value = loss if last or step not in values else values[step]
+        out.append((step, area, value, step + forks * fork_steps))
+    return out
+
+
+def replay_sweep(recorded: dict, space: dict, sampler: str, pruner: str, seed: int, n_trials: int,
+                 signal: str = "loss") -> dict:
+    """One sweep: {"best": best objective of the complete trials, "trial_steps": steps trained over all trials,
+    "trials": [(trial-steps, objective or inf) per trial, in order]}."""
     import optuna
 
     from tunelab.sweep.pruning import clock_step
@@ -104,30 +136,34 @@ def replay_sweep(recorded: dict, space: dict, sampler: str, pruner: str, seed: i
     # Named: HyperbandPruner assigns brackets from a hash of the study name, and an unnamed study gets a random one.
     study = optuna.create_study(study_name=f"replay-{seed}", direction="minimize", pruner=build_pruner(pruner, recorded))
     on_lr_area = getattr(study.pruner, "clock", "step") == "lr_area"
-    trial_steps = 0
+    trials = []
     for number in range(n_trials):
         study.sampler = build_sampler(sampler, seed + number)
         trial = study.ask(space)
-        points = nearest(recorded["curves"], trial.params, space)["points"]
-        reported = -1
-        for step, area, loss in points:
+        curve = nearest(recorded["curves"], trial.params, space)
+        losses = [loss for _, _, loss in curve["points"]]
+        reported, value = -1, math.inf
+        for step, area, signal_value, spent in reports(curve, signal):
             reported = clock_step(area, reported) if on_lr_area else step
-            trial.report(loss, reported)
+            trial.report(signal_value, reported)
             if trial.should_prune():
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 break
         else:  # the objective is the best validation (tunelab.callbacks.ObjectiveTracker); NaN/inf fails the trial
-            if math.isfinite(points[-1][2]):
-                study.tell(trial, min(loss for _, _, loss in points))
+            if math.isfinite(losses[-1]):
+                value = min(losses)
+                study.tell(trial, value)
             else:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        trial_steps += step
-    complete = [t.value for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    return {"best": min(complete, default=math.inf), "trial_steps": trial_steps}
+        trials.append((spent, value))
+    return {"best": min(v for _, v in trials), "trial_steps": sum(s for s, _ in trials), "trials": trials}
 
 
-def replay(recorded: dict, samplers=SAMPLERS, pruners=tuple(PRUNERS), seeds=range(10), n_trials: int = 20) -> dict:
-    """{(sampler, pruner): [{"share": trial-steps / unpruned's, "regret": best / unpruned best - 1} per seed]}."""
+def replay(recorded: dict, samplers=SAMPLERS, pruners=tuple(PRUNERS), seeds=range(10), n_trials: int = 20,
+           signals=("loss",)) -> dict:
+    """{(sampler, pruner): [{"share": trial-steps / unpruned's, "regret": best / unpruned best - 1} per seed]}, a pruner
+    fed another signal than the loss named "pruner@signal", and "first_K" for the unpruned sweep cut to its first K
+    trials."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -136,12 +172,21 @@ def replay(recorded: dict, samplers=SAMPLERS, pruners=tuple(PRUNERS), seeds=rang
     for sampler in samplers:
         for seed in seeds:
             unpruned = replay_sweep(recorded, space, sampler, "none", seed, n_trials)
-            for pruner in pruners:
-                run = unpruned if pruner == "none" else replay_sweep(recorded, space, sampler, pruner, seed, n_trials)
-                results.setdefault((sampler, pruner), []).append({
-                    "share": run["trial_steps"] / unpruned["trial_steps"],
-                    "regret": run["best"] / unpruned["best"] - 1,
+            for count in (k for k in FEWER_TRIALS if k < n_trials):
+                first = unpruned["trials"][:count]
+                results.setdefault((sampler, f"first_{count}"), []).append({
+                    "share": sum(s for s, _ in first) / unpruned["trial_steps"],
+                    "regret": min(v for _, v in first) / unpruned["best"] - 1,
                 })
+            for pruner in pruners:
+                for signal in signals if pruner != "none" else ("loss",):
+                    run = unpruned if pruner == "none" else replay_sweep(recorded, space, sampler, pruner, seed,
+                                                                         n_trials, signal)
+                    name = pruner if signal == "loss" else f"{pruner}@{signal}"
+                    results.setdefault((sampler, name), []).append({
+                        "share": run["trial_steps"] / unpruned["trial_steps"],
+                        "regret": run["best"] / unpruned["best"] - 1,
+                    })
     return results
 
 
@@ -189,22 +234,41 @@ def sign(x: float) -> int:
     return (x > 0) - (x < 0)
 
 
-def rank_correlations(recorded: dict) -> dict:
-    """{("step" | "lr_area", rung): Kendall tau between the curves' loss at the rung and their final loss}."""
+def rank_correlations(recorded: dict, signal: str = "loss") -> dict:
+    """{("step" | "lr_area", rung): Kendall tau between the curves' `signal` at the rung and their final loss}; a signal
+    only on the step clock, at the validations where the curves recorded it."""
     from tunelab.sweep.pruning import rung_steps, value_at
 
-    curves = [c["points"] for c in recorded["curves"] if all(math.isfinite(p[2]) for p in c["points"])]
-    final = [points[-1][2] for points in curves]
-    rungs = {"step": [step for step, _, _ in curves[0][:-1]],
+    curves = [c for c in recorded["curves"] if all(math.isfinite(p[2]) for p in c["points"])
+              and (signal == "loss" or signal in c)]
+    if not curves:
+        return {}
+    final = [c["points"][-1][2] for c in curves]
+    if signal != "loss":
+        taus = {}
+        for step in sorted({step for step, _ in curves[0][signal]}):
+            values = [dict(map(tuple, c[signal])).get(step) for c in curves]
+            if None not in values and all(map(math.isfinite, values)):
+                taus["step", step] = kendall_tau(values, final)
+        return taus
+    rungs = {"step": [step for step, _, _ in curves[0]["points"][:-1]],
              "lr_area": rung_steps(recorded["max_steps"], recorded["max_warmup_ratio"], 2, "lr_area")}
     taus = {}
     for clock, at in rungs.items():
         column = 0 if clock == "step" else 1
         for rung in at:
-            losses = [value_at({p[column]: p[2] for p in points}, rung) for points in curves]
+            losses = [value_at({p[column]: p[2] for p in c["points"]}, rung) for c in curves]
             if None not in losses:
                 taus[clock, rung] = kendall_tau(losses, final)
     return taus
+
+
+def by_learning_rate(recorded: dict) -> dict:
+    """{learning rate: the curves recorded with it}, to read how a signal ranks within one learning rate."""
+    groups = {}
+    for curve in recorded["curves"]:
+        groups.setdefault(curve["params"]["optim.lr"], []).append(curve)
+    return {lr: {**recorded, "curves": curves} for lr, curves in sorted(groups.items())}
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -214,14 +278,44 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
     return q1, median, q3
 
 
-def table(results: dict, taus: dict) -> str:
-    lines = ["| sampler | pruner | trial-steps, median (IQR) | regret, median (IQR) |", "|---|---|---|---|"]
-    for (sampler, pruner), runs in results.items():
+def table(results: dict) -> str:
+    lines = ["| sampler | pruner | signal | trial-steps, median (IQR) | regret, median (IQR) |", "|---|---|---|---|---|"]
+    for (sampler, name), runs in results.items():
+        pruner, _, signal = name.partition("@")
         s1, s, s3 = quartiles([r["share"] for r in runs])
         r1, r, r3 = quartiles([r["regret"] for r in runs])
-        lines.append(f"| {sampler} | {pruner} | {s:.0%} ({s1:.0%}-{s3:.0%}) | {r:+.1%} ({r1:+.1%} to {r3:+.1%}) |")
-    lines += ["", "| clock | rung | Kendall tau (rung loss vs final loss) |", "|---|---|---|"]
-    lines += [f"| {clock} | {rung} | {tau:+.2f} |" for (clock, rung), tau in taus.items()]
+        lines.append(f"| {sampler} | {pruner} | {signal or 'loss'} | {s:.0%} ({s1:.0%}-{s3:.0%}) | "
+                     f"{r:+.1%} ({r1:+.1%} to {r3:+.1%}) |")
+    return "\n".join(lines)
+
+
+def tau_table(recorded: dict, signals) -> str:
+    """Kendall tau of each signal at each rung against the final loss: over all curves, then within each LR."""
+    groups = {"all": recorded, **{f"lr={lr:g}": group for lr, group in by_learning_rate(recorded).items()}}
+    columns = [(signal, clock, rung) for signal in signals for (clock, rung) in rank_correlations(recorded, signal)]
+    lines = ["| curves | n | " + " | ".join(f"{signal} @{'area ' if clock == 'lr_area' else ''}{rung}"
+                                             for signal, clock, rung in columns) + " |",
+             "|---" * (len(columns) + 2) + "|"]
+    for name, group in groups.items():
+        taus = {signal: rank_correlations(group, signal) for signal in signals}
+        cells = [taus[signal].get((clock, rung)) for signal, clock, rung in columns]
+        lines.append(f"| {name} | {len(group['curves'])} | "
+                     + " | ".join("-" if t is None else f"{t:+.2f}" for t in cells) + " |")
+    return "\n".join(lines)
+
+
+def short_runs_table(recorded: dict) -> str:
+    """Kendall tau between complete-schedule runs of a fraction of the budget and the full runs' final loss."""
+    curves = [c for c in recorded["curves"] if "short" in c and math.isfinite(c["points"][-1][2])]
+    if not curves:
+        return ""
+    final = [c["points"][-1][2] for c in curves]
+    lines = ["| complete schedule of | steps (trial-steps) | Kendall tau vs final loss |", "|---|---|---|"]
+    for steps in sorted(curves[0]["short"], key=int):
+        values = [c["short"][steps] for c in curves]
+        if all(map(math.isfinite, values)):
+            lines.append(f"| {int(steps) / recorded['max_steps']:.0%} of the budget | {steps} | "
+                         f"{kendall_tau(values, final):+.2f} |")
     return "\n".join(lines)
 
 
@@ -230,14 +324,28 @@ def main(argv: list[str]) -> None:
     parser.add_argument("curves", nargs="?", type=Path, default=CURVES)
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--samplers", default=",".join(SAMPLERS))
+    parser.add_argument("--pruners", default=",".join(PRUNERS))
+    parser.add_argument("--signals", default="loss", help="comma-separated: loss, cooled, ema (where recorded)")
     parser.add_argument("--live", type=Path, default=LIVE, help="unpruned live sweeps to replay in order")
     args = parser.parse_args(argv)
     if not args.curves.exists():
         sys.exit(f"tunelab: error: {args.curves} does not exist: record it with benchmarks/record_curves.py")
     recorded = load_curves(args.curves)
+    samplers, pruners, signals = (args.samplers.split(","), args.pruners.split(","), args.signals.split(","))
+    for name, given, known in (("sampler", samplers, SAMPLERS), ("pruner", pruners, PRUNERS),
+                               ("signal", signals, SIGNALS)):
+        if unknown := [g for g in given if g not in known]:
+            sys.exit(f"tunelab: error: unknown {name} {unknown[0]}: pick from {', '.join(known)}")
+    if missing := [s for s in signals if s != "loss" and not all(s in c for c in recorded["curves"])]:
+        sys.exit(f"tunelab: error: {args.curves} has no {missing[0]} values: record them with "
+                 "benchmarks/record_curves.py --signals")
     print(f"{len(recorded['curves'])} recorded curves of {recorded['max_steps']} steps; "
           f"{args.seeds} seeds x {args.trials} trials per sweep\n")
-    print(table(replay(recorded, seeds=range(args.seeds), n_trials=args.trials), rank_correlations(recorded)))
+    print(table(replay(recorded, samplers, pruners, range(args.seeds), args.trials, signals)))
+    print("\n" + tau_table(recorded, signals))
+    if short := short_runs_table(recorded):
+        print("\n" + short)
     if args.live.exists():
         live = json.loads(args.live.read_text())
         print(f"\nLive unpruned sweeps replayed in order ({args.live.name}), each trial its own curve:\n")
