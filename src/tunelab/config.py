@@ -28,7 +28,10 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("32-true", "bf16-true", "bf16-mixed", "16-mixed")
 PROFILERS = (None, "simple", "advanced", "pytorch")
 GENERATED_EXACT_MATCH = "val/generated_exact_match"  # logged by the samples callback (tunelab.samples)
-VALIDATION_METRICS = ("val/loss", "val/exact_match", GENERATED_EXACT_MATCH)
+DPO_MODULE, PREFERENCE_DATA = "tunelab.dpo.DPOModule", "tunelab.data.preference.PreferenceDataModule"
+DPO_METRICS = tuple(f"val/{name}" for name in ("rewards/accuracy", "rewards/margin", "rewards/chosen",
+                                               "rewards/rejected", "logps/chosen", "logps/rejected"))  # module=dpo's
+VALIDATION_METRICS = ("val/loss", "val/exact_match", GENERATED_EXACT_MATCH, *DPO_METRICS)
 
 
 class ConfigError(ValueError):
@@ -148,7 +151,7 @@ FIELDS: dict[str, Rule | OneOf | ListOf | AnyOf] = {
     "model.recommended_lr.full": Rule(float, "> 0"),
     "model.recommended_lr.adapter": Rule(float, "> 0"),
 
-    "data.source": OneOf("tiny", "tiny_chat", "hub", "jsonl", "random_tokens"),
+    "data.source": OneOf("tiny", "tiny_chat", "tiny_pairs", "hub", "jsonl", "random_tokens"),
     "data.path": Rule(str, null=True),
     "data.split": Rule(str),
     "data.num_examples": Rule(int, ">= 1", null=True),
@@ -231,7 +234,8 @@ ABSENT = object()
 
 def validate_config(cfg: DictConfig) -> None:
     for check in (check_resolves, check_fields, check_model, check_data, check_peft, check_kernels, check_optim,
-                  check_trainer, check_fsdp_adapters, check_placement, check_run, check_objective, check_evaluation,
+                  check_trainer, check_fsdp_adapters, check_placement, check_run, check_preference, check_objective,
+                  check_evaluation,
                   check_tracking_server, check_targets):
         check(cfg)
     for warning in precision_warnings(cfg.precision, cfg.model):
@@ -476,6 +480,52 @@ def check_objective(cfg: DictConfig) -> None:
     if cfg.data.get("source") == "random_tokens":
         raise ConfigError(f"objective.metric={GENERATED_EXACT_MATCH} needs data with prompts and answers; "
                           "data=random_tokens has none")
+
+
+DPO_FIELDS = {"beta": Rule(float, "> 0"), "loss_type": OneOf("sigmoid", "ipo", "robust"),
+              "label_smoothing": Rule(float, ">= 0", "< 0.5"), "reference": OneOf("auto", "adapter", "copy", "precomputed")}
+
+
+def is_dpo(cfg: DictConfig) -> bool:
+    return bool(cfg.get("module")) and cfg.module.get("_target_") == DPO_MODULE
+
+
+def check_preference(cfg: DictConfig) -> None:
+    """module=dpo (tunelab.dpo) and preference pairs (tunelab.data.preference) go together; the DPO keys."""
+    pairs = cfg.data.get("_target_") == PREFERENCE_DATA
+    if pairs and not is_dpo(cfg):
+        raise ConfigError(f"data={cfg.data.source} holds preference pairs (prompt, chosen, rejected), which "
+                          f"module._target_={cfg.module.get('_target_')} does not train on: use module=dpo")
+    if not is_dpo(cfg):
+        if cfg.objective.metric in DPO_METRICS:
+            raise ConfigError(f"objective.metric={cfg.objective.metric} is logged by module=dpo only: pick another "
+                              "objective.metric, or use module=dpo")
+        return
+    if not pairs:
+        raise ConfigError("module=dpo trains on preference pairs: use data=tiny_pairs, or data=pairs "
+                          "data.path=<a JSON-lines file of prompt, chosen, rejected>")
+    module, data = cfg.module, cfg.data
+    for key, rule in DPO_FIELDS.items():
+        if key in module and (problem := rule.problem(module[key])):
+            raise ConfigError(f"module.{key}={show(module[key])} {problem}")
+    if module.get("label_smoothing") and module.get("loss_type") != "robust":
+        raise ConfigError(f"module.label_smoothing={show(module.label_smoothing)} is for module.loss_type=robust "
+                          f"(not {module.get('loss_type')}): set the loss type, or label_smoothing=0")
+    reference = module.get("reference", "auto")
+    if reference == "adapter" and not cfg.peft:
+        raise ConfigError("module.reference=adapter needs an adapter to switch off: use peft=lora, or "
+                          "module.reference=auto (a frozen copy for a full fine-tune)")
+    sharded = str(cfg.strategy.get("_target_", "")).endswith(("FSDPStrategy", "DeepSpeedStrategy"))
+    if sharded and not cfg.peft and reference in ("auto", "copy"):
+        raise ConfigError(f"module=dpo under strategy={cfg.strategy.name} would keep a whole frozen copy of the model "
+                          "on every GPU as its reference: set module.reference=precomputed")
+    if data.get("packing"):
+        raise ConfigError("data.packing=true does not pack preference pairs yet: set data.packing=false")
+    if data.source == "tiny_pairs" and data.num_examples is None:
+        raise ConfigError("data=tiny_pairs generates data.num_examples pairs: give a number, e.g. data.num_examples=2000")
+    if cfg.objective.metric == "val/exact_match":
+        raise ConfigError("objective.metric=val/exact_match is not logged by module=dpo: use val/loss, "
+                          f"{GENERATED_EXACT_MATCH} or one of {', '.join(DPO_METRICS)}")
 
 
 EVAL_PREFIX = "eval/"  # what tunelab.evaluation logs: eval/<task>/<metric>

@@ -45,6 +45,12 @@ def check_inputs(cfg: DictConfig, tokenizer) -> None:
 # ---- data ----------------------------------------------------------------------------------------------------------
 
 def check_data_rows(data: DictConfig, tokenizer) -> None:
+    from tunelab.config import PREFERENCE_DATA
+
+    if data.get("_target_") == PREFERENCE_DATA:  # prompt, chosen, rejected (module=dpo)
+        from tunelab.data.preference import check_pair_rows
+
+        return check_pair_rows(data, tokenizer)
     if data.get("sources"):
         for source in source_options(data):
             check_data_rows(source, tokenizer)
