@@ -10,6 +10,7 @@ import json
 import logging
 import operator
 import os
+import re
 import socket
 import zipfile
 from pathlib import Path
@@ -131,12 +132,13 @@ class AnyOf:
 FIELDS: dict[str, Rule | OneOf | ListOf | AnyOf] = {
     "seed": Rule(int, ">= 0"),
     "ckpt_path": Rule(str, null=True),
-    "objective.metric": OneOf(*VALIDATION_METRICS),
+    "objective.metric": Rule(str),  # one of VALIDATION_METRICS, or one of a source's (check_objective)
     "objective.mode": OneOf("min", "max"),
     "export": AnyOf(Rule(bool), Rule(dict)),  # export=false stands for export.enabled=false
     "export.enabled": Rule(bool),
     "export.merge": Rule(bool),
     "system_metrics": OneOf("auto", True, False),
+    "validate_at_start": OneOf("auto", True, False),
 
     "model.name_or_path": Rule(str, null=True),
     "model.init": OneOf("pretrained", "random"),
@@ -305,12 +307,16 @@ def check_data(cfg: DictConfig) -> None:
         if data.num_examples < data.batch_size or data.val_size < 1:
             raise ConfigError("data=random_tokens needs num_examples >= batch_size and val_size >= 1 (rows held out)")
         return
-    if data.source == "jsonl" and (OmegaConf.is_missing(data, "path") or not Path(str(data.path)).expanduser().is_file()):
+    if OmegaConf.is_missing(data, "sources"):
+        raise ConfigError(f"data.sources is not given: data=mix needs data.sources='{SOURCE_EXAMPLE}'")
+    if data.get("sources") is not None:
+        check_sources(data)
+    elif data.source == "jsonl" and (OmegaConf.is_missing(data, "path") or not Path(str(data.path)).expanduser().is_file()):
         path = "???" if OmegaConf.is_missing(data, "path") else data.path
         raise ConfigError(f"data.path={path}: no such file; data=jsonl needs data.path=/path/to/rows.jsonl")
-    if data.source == "hub" and not data.path:
+    elif data.source == "hub" and not data.path:
         raise ConfigError("data.source=hub needs data.path=<a Hugging Face dataset id>, e.g. tatsu-lab/alpaca")
-    if data.source in ("tiny", "tiny_chat") and data.num_examples is None:
+    elif data.source in ("tiny", "tiny_chat") and data.num_examples is None:
         raise ConfigError(f"data={data.source} generates data.num_examples rows: give a number, e.g. data.num_examples=4000")
     for key in ("prompt_template", "prompt_template_no_input"):
         if data.get(key) is not None:
@@ -329,6 +335,59 @@ def chat_template_text(value: str) -> str:
         raise ConfigError(f"model.chat_template={value}: no such file, and not a Jinja template either (no {{{{ or "
                           "{%): give the template itself or the path of a file holding it")
     return path.read_text(encoding="utf-8")
+
+
+SOURCE_KEYS = ("name", "source", "path", "split", "format", "weight", "num_examples")
+SOURCE_EXAMPLE = "[{name: a, path: a.jsonl, weight: 3}, {name: b, path: b.jsonl, weight: 1}]"
+
+
+def entry_source(entry) -> str:
+    """Where a data.sources entry's rows come from: its `source`, else a local file where the path ends in .json or
+    .jsonl, else the Hugging Face Hub."""
+    if entry.get("source"):
+        return entry["source"]
+    return "jsonl" if str(entry.get("path")).endswith((".json", ".jsonl")) else "hub"
+
+
+def check_sources(data: DictConfig) -> None:
+    """data.sources: datasets trained on together (tunelab.data.mixing), each a name, where its rows are and a weight;
+    its other keys (split, format, num_examples) default to the data option's."""
+    sources = data.sources
+    if not isinstance(sources, ListConfig) or not sources:
+        raise ConfigError(f"data.sources={show(sources)} must be a list of datasets, e.g. data.sources='{SOURCE_EXAMPLE}'")
+    names = []
+    for i, entry in enumerate(sources):
+        key = f"data.sources[{i}]"
+        if not isinstance(entry, DictConfig):
+            raise ConfigError(f"{key}={show(entry)} must be a mapping with a name, a path and a weight, e.g. {SOURCE_EXAMPLE}")
+        if unknown := sorted(set(entry) - set(SOURCE_KEYS)):
+            raise ConfigError(f"{key} has a key {unknown[0]}: the keys of a source are {', '.join(SOURCE_KEYS)}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[\w.-]+", name):
+            raise ConfigError(f"{key}.name={show(name)}: give each source a name of letters, digits, _, . or -, e.g. "
+                              "name: reverse (its metrics are val/loss/<name>)")
+        if name in names:
+            raise ConfigError(f"{key}.name={name} names two sources: give each its own name")
+        names.append(name)
+        weight = entry.get("weight", 1.0)
+        if not is_kind(weight, float) or weight < 0:
+            raise ConfigError(f"{key}.weight={show(weight)} must be a number >= 0: weights are the sources' shares of the "
+                              "training rows (0: validated on, not trained on)")
+        for field in ("source", "format", "num_examples", "split"):
+            if field in entry and (problem := FIELDS[f"data.{field}"].problem(entry[field])):
+                raise ConfigError(f"{key}.{field}={show(entry[field])} {problem}")
+        source = entry_source(entry)
+        if source == "random_tokens":
+            raise ConfigError(f"{key}.source=random_tokens has no prompts or answers to mix: use jsonl, hub or tiny")
+        path = entry.get("path")
+        if source in ("jsonl", "hub") and not path:
+            raise ConfigError(f"{key} ({name}) has no path: give a JSON-lines file or a Hugging Face dataset id")
+        if source == "jsonl" and not Path(str(path)).expanduser().is_file():
+            raise ConfigError(f"{key}.path={path}: no such file (source {name})")
+        if source.startswith("tiny") and entry.get("num_examples", data.get("num_examples")) is None:
+            raise ConfigError(f"{key} ({name}) generates num_examples rows: give a number, e.g. num_examples: 1000")
+    if not any(entry.get("weight", 1.0) for entry in sources):
+        raise ConfigError("data.sources: every weight is 0, so nothing is trained on: give at least one source a weight > 0")
 
 
 def check_prompt_template(key: str, template: str) -> None:
@@ -472,6 +531,11 @@ def check_objective(cfg: DictConfig) -> None:
     """ModelCheckpoint and EarlyStopping stop the run at the first validation that does not log the objective."""
     if cfg.objective.metric.startswith(EVAL_PREFIX):
         return  # a benchmark's score: check_evaluation holds it to the eval option
+    names = [entry.name for entry in cfg.data.get("sources") or []]
+    per_source = tuple(f"{metric}/{name}" for name in names for metric in VALIDATION_METRICS[:2])
+    if cfg.objective.metric not in VALIDATION_METRICS + per_source:
+        raise ConfigError(f"objective.metric={show(cfg.objective.metric)} is not one of: "
+                          f"{', '.join(VALIDATION_METRICS + per_source)}")
     if cfg.objective.metric != GENERATED_EXACT_MATCH:
         return
     if OmegaConf.select(cfg, "callbacks.samples") is None:

@@ -25,23 +25,17 @@ def dataset_inputs(datamodule: pl.LightningDataModule) -> list:
     """MLflow DatasetInputs for the training and validation splits of tunelab's data modules (set up); [] for any
     other data module, which tunelab cannot describe."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
-    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
-    from mlflow.data.sources import LocalArtifactDatasetSource
 
     from tunelab.data import InstructionDataModule, RandomTokenDataModule
 
     dm = datamodule
     if isinstance(dm, InstructionDataModule) and dm.train is not None:
-        if dm.source == "hub":
-            name, source = dm.path, HuggingFaceDatasetSource(dm.path, split=dm.split)
-        elif dm.source == "jsonl":
-            name, source = Path(dm.path).name, LocalArtifactDatasetSource(str(Path(dm.path).resolve()))
-        else:
-            generator = {"generator": "tunelab.tiny_task", "num_examples": dm.num_examples, "seed": dm.seed}
-            name, source = "tiny-task", CodeDatasetSource(generator)
-        splits = {"training": dm.train, "validation": dm.val}
-        return [split_input(name, source, short_digest(rows._fingerprint), len(rows), context)
-                for context, rows in splits.items()]
+        mixed = len(dm.sources) > 1  # each source its own pair of inputs, with its weight
+        splits = dm.source_splits if mixed else [(dm.train, dm.val)]
+        return [split_input(source.name, dataset_source(source, dm), short_digest(rows._fingerprint), len(rows), context,
+                            {"weight": source.weight} if mixed else {})
+                for source, (train, val) in zip(dm.sources, splits)
+                for context, rows in (("training", train), ("validation", val))]
     if isinstance(dm, RandomTokenDataModule):
         generator = {"generator": "tunelab.data.RandomTokenDataModule", "vocab_size": dm.vocab_size,
                      "max_length": dm.max_length, "seed": dm.seed}
@@ -52,20 +46,44 @@ def dataset_inputs(datamodule: pl.LightningDataModule) -> list:
     return []
 
 
-def split_input(name: str, source, digest: str, num_rows: int, context: str):
+def dataset_source(source, dm):
+    """MLflow's description of where a source's rows come from (a tunelab.data.mixing.Source)."""
+    from mlflow.data.code_dataset_source import CodeDatasetSource
+    from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    if source.source == "hub":
+        return HuggingFaceDatasetSource(source.path, split=source.split)
+    if source.source == "jsonl":
+        return LocalArtifactDatasetSource(str(Path(source.path).expanduser().resolve()))
+    return CodeDatasetSource({"generator": "tunelab.tiny_task", "num_examples": source.num_examples, "seed": dm.seed})
+
+
+def split_input(name: str, source, digest: str, num_rows: int, context: str, profile: dict | None = None):
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     fields = MetaDataset(source, name=name, digest=digest).to_dict()  # MLflow's own source JSON and source type
-    dataset = Dataset(**fields, profile=json.dumps({"num_rows": num_rows}))
+    dataset = Dataset(**fields, profile=json.dumps({"num_rows": num_rows, **(profile or {})}))
     return DatasetInput(dataset, tags=[InputTag(CONTEXT_TAG, context)])
 
 
+PREVIEW_ROWS = 8
+PREVIEW_ARTIFACT = "data_preview.txt"
+
+
 class DatasetInputLogger(pl.Callback):
-    """Logs the splits as inputs of the MLflow run once the data module is set up (fit calls setup first)."""
+    """Logs the splits as inputs of the MLflow run once the data module is set up (fit calls setup first), and the
+    preview of what it trains on (tunelab.data.preview) as data_preview.txt."""
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logger = trainer.logger
-        if isinstance(logger, MLFlowLogger) and trainer.datamodule is not None:
-            if inputs := dataset_inputs(trainer.datamodule):
-                logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+        logger, dm = trainer.logger, trainer.datamodule
+        if not isinstance(logger, MLFlowLogger) or dm is None or not trainer.is_global_zero:
+            return
+        if inputs := dataset_inputs(dm):
+            logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+        from tunelab.data import InstructionDataModule
+        from tunelab.data.preview import preview_text
+
+        if isinstance(dm, InstructionDataModule) and dm.train is not None:
+            logger.experiment.log_text(logger.run_id, preview_text(dm, PREVIEW_ROWS), PREVIEW_ARTIFACT)

@@ -23,6 +23,7 @@ FORMAT_FIELDS = {
     "alpaca": "instruction and output strings (input optional)",
     "chat": "messages, a list of {role, content} strings",
 }
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 FORMAT_COLUMNS = {"alpaca": {"instruction", "output"}, "chat": {"messages"}}
 
 
@@ -44,7 +45,7 @@ def check_inputs(cfg: DictConfig, tokenizer) -> None:
 
 # ---- data ----------------------------------------------------------------------------------------------------------
 
-def check_data_rows(data: DictConfig, tokenizer) -> None:
+def check_data_rows(data: DictConfig, tokenizer, key: str = "data") -> None:
     from tunelab.config import PREFERENCE_DATA
 
     if data.get("_target_") == PREFERENCE_DATA:  # prompt, chosen, rejected (module=dpo)
@@ -52,14 +53,14 @@ def check_data_rows(data: DictConfig, tokenizer) -> None:
 
         return check_pair_rows(data, tokenizer)
     if data.get("sources"):
-        for source in source_options(data):
-            check_data_rows(source, tokenizer)
+        for index, source in enumerate(source_options(data)):
+            check_data_rows(source, tokenizer, f"data.sources[{index}]")
         return
     if data.source == "hub":
         if check_hub_dataset(data) == "chat" or data.format == "chat":
             check_chat_template(tokenizer, f"data.path={data.path}")
     elif data.source == "jsonl":
-        check_rows_file(Path(data.path).expanduser(), f"data.path={data.path}", data, tokenizer)
+        check_rows_file(Path(data.path).expanduser(), f"{key}.path={data.path}", data, tokenizer)
     elif data.source in ("tiny", "tiny_chat"):
         from tunelab.data import tiny_task_file
 
@@ -211,6 +212,9 @@ def row_problem(row: dict, fmt: str) -> str | None:
     for number, message in enumerate(messages, 1):
         if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
             return f"has message {number} {snippet(message)}, which is not a role and a content string"
+        if message["role"] not in CHAT_ROLES:
+            return (f"has message {number} with role {snippet(message['role'])}: a role is one of "
+                    f"{', '.join(CHAT_ROLES)} (a chat template renders any other silently as text)")
     return None
 
 

@@ -76,6 +76,7 @@ class CausalLMModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
+        source = batch.pop("source", None)  # a mix's validation batch holds one source's rows (tunelab.data.mixing)
         if hasattr(self.loss, "evaluate"):
             loss, matches = self.loss.evaluate(self.model, batch)
         else:
@@ -84,6 +85,9 @@ class CausalLMModule(pl.LightningModule):
         size = batch["input_ids"].size(0)
         self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
         self.log("val/exact_match", matches.mean(), prog_bar=True, sync_dist=True, batch_size=size)
+        if source is not None:
+            self.log(f"val/loss/{source}", loss, sync_dist=True, batch_size=size)
+            self.log(f"val/exact_match/{source}", matches.mean(), sync_dist=True, batch_size=size)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)

@@ -9,12 +9,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from datasets import Dataset, load_dataset
+from datasets import Dataset, concatenate_datasets, load_dataset
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.collators import InstructionCollator, PackedCollator
+from tunelab.data.mixing import MixedOrder, Source, SourceCollator, mix_sources, source_batches
 from tunelab.data.formats import TOKENIZATION_VERSION, detect_format, tokenizer_fingerprint
 from tunelab.data.rows import RowTokenizer, count_fates, is_trained, report_rows
 from tunelab.data.samplers import PackedBatchSampler, resumable_sampler, resume_position
@@ -66,6 +67,7 @@ class InstructionDataModule(pl.LightningDataModule):
         pack_tokens: int | None = None,
         train_on: str = "all_assistant",
         truncation: str = "cut_turns",
+        sources: list | None = None,
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -86,14 +88,21 @@ class InstructionDataModule(pl.LightningDataModule):
         self.row_fates: dict[str, int] | None = None
         self.train: Dataset | None = None
         self.val: Dataset | None = None
+        # data.sources, or this option's own source; a mix's training order and its sources' split sizes (setup)
+        self.sources = mix_sources(sources, source=source, path=path, split=split, format=format, num_examples=num_examples)
+        self.train_order: MixedOrder | None = None
+        self.source_splits: list[tuple[Dataset, Dataset]] = []  # a mix's (train, val) of each source
 
     def prepare_data(self) -> None:
         # Runs on one process per node: downloads and tokenizes into the datasets cache that setup() reads.
-        self.tokenized()
+        for source in self.sources:
+            self.tokenized(source)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:
             return
+        if len(self.sources) > 1:
+            return self._setup_mix()
         splits = self.tokenized().train_test_split(test_size=self._val_count(), seed=self.seed, shuffle=True)
         self.train, self.val = splits["train"], splits["test"]
         if self.max_val_examples is not None and len(self.val) > self.max_val_examples:
@@ -102,9 +111,31 @@ class InstructionDataModule(pl.LightningDataModule):
         template = self.tokenizer.get_chat_template() if self.resolved_format == "chat" else None
         report_rows(self.row_fates, self.max_length, self.truncation, self.trainer, template)
 
-    def tokenized(self) -> Dataset:
-        rows = load_rows(self.source, self.path, self.split, self.num_examples, self.cache_dir, self.seed)
-        fmt = detect_format(rows.column_names) if self.format == "auto" else self.format
+    def _setup_mix(self) -> None:
+        """Each source split on its own (val_size and max_val_examples per source), then the splits concatenated in
+        the order of data.sources; validation rows keep their source's index (`source`)."""
+        trains, vals = [], []
+        for index, source in enumerate(self.sources):
+            splits = self.tokenized(source).train_test_split(test_size=self._val_count(), seed=self.seed, shuffle=True)
+            val = splits["test"]
+            if self.max_val_examples is not None and len(val) > self.max_val_examples:
+                val = val.select(range(self.max_val_examples))
+            trains.append(splits["train"])
+            vals.append(val.add_column("source", [index] * len(val)))
+            template = self.tokenizer.get_chat_template() if self.resolved_format == "chat" else None
+            report_rows(self.row_fates, self.max_length, self.truncation, self.trainer, template)
+        self.train, self.val = concatenate_datasets(trains), concatenate_datasets(vals)
+        self.source_splits = list(zip(trains, vals))
+        sizes = [len(rows) for rows in trains]
+        self.train_order = MixedOrder(sizes, [source.weight for source in self.sources], self.seed)
+        log.info("data: %d train / %d val examples from %d sources; each epoch draws %s", len(self.train), len(self.val),
+                 len(self.sources), ", ".join(f"{count} {source.name} ({count / max(size, 1):.2g}x its rows)"
+                                              for source, count, size in zip(self.sources, self.train_order.counts, sizes)))
+
+    def tokenized(self, source: Source | None = None) -> Dataset:
+        source = source or self.sources[0]
+        rows = load_rows(source.source, source.path, source.split, source.num_examples, self.cache_dir, self.seed)
+        fmt = detect_format(rows.column_names) if source.format == "auto" else source.format
         self.resolved_format = fmt
         tokenize = RowTokenizer(fmt, self.templates, self.tokenizer, self.max_length, self.train_on, self.truncation)
         fingerprint = hashlib.sha256(json.dumps([
@@ -122,13 +153,15 @@ class InstructionDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.packing:
             return self._packed_loader()
-        return self._loader(self.train, sampler=resumable_sampler(self.trainer, len(self.train), self.seed, self.batch_size))
+        sampler = resumable_sampler(self.trainer, len(self.train), self.seed, self.batch_size, self.train_order)
+        return self._loader(self.train, sampler=sampler)
 
     def _packed_loader(self) -> DataLoader:
         trainer = self.trainer
         lengths = [len(ids) for ids in self.train["input_ids"]]
         sampler = resume_position(
-            PackedBatchSampler(lengths, self.pack_tokens, self.seed, trainer.world_size, trainer.global_rank), trainer)
+            PackedBatchSampler(lengths, self.pack_tokens, self.seed, trainer.world_size, trainer.global_rank,
+                               self.train_order), trainer)
         return DataLoader(
             self.train.with_format(columns=["input_ids", "labels"]),
             batch_sampler=sampler,
@@ -138,6 +171,14 @@ class InstructionDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
+        if len(self.sources) > 1:  # batches of one source each, named, for val/loss/<name> (CausalLMModule)
+            return DataLoader(
+                self.val.with_format(columns=["input_ids", "labels", "source"]),
+                batch_sampler=source_batches([len(val) for _, val in self.source_splits], self.batch_size),
+                collate_fn=SourceCollator(InstructionCollator(self.tokenizer.pad_token_id), [s.name for s in self.sources]),
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,
+            )
         return self._loader(self.val, sampler=None)
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None) -> DataLoader:

@@ -1,6 +1,7 @@
 """The order rows are trained in: a seeded shuffle per epoch, split across ranks, packed into token budgets if asked,
 and able to start mid-epoch after a resume."""
 
+from collections.abc import Callable
 from typing import Iterator
 
 import lightning.pytorch as pl
@@ -26,12 +27,23 @@ def pack_in_order(order: list[int], lengths: list[int], budget: int, open_batche
     return closed + [indices for _, indices in batches]
 
 
-class PackedBatchSampler(Sampler[list[int]]):
-    """Each epoch: a seeded shuffle, packed greedily into batches of at most `budget` tokens, split across ranks (every
-    rank gets as many batches), starting `skip` batches in after a mid-epoch resume."""
+Order = Callable[[int], list[int]]  # epoch → indices, a pure function of it (tunelab.data.mixing.MixedOrder)
 
-    def __init__(self, lengths: list[int], budget: int, seed: int, num_replicas: int = 1, rank: int = 0):
-        self.lengths, self.budget, self.seed = lengths, budget, seed
+
+def shuffled(num_samples: int, seed: int, epoch: int, order: Order | None) -> list[int]:
+    """The epoch's indices: `order`'s, or a seeded shuffle of all of them."""
+    if order is not None:
+        return order(epoch)
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+
+
+class PackedBatchSampler(Sampler[list[int]]):
+    """Each epoch: a seeded shuffle (or `order`), packed greedily into batches of at most `budget` tokens, split across
+    ranks (every rank gets as many batches), starting `skip` batches in after a mid-epoch resume."""
+
+    def __init__(self, lengths: list[int], budget: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 order: Order | None = None):
+        self.lengths, self.budget, self.seed, self.order = lengths, budget, seed, order
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.skip = 0
@@ -40,8 +52,7 @@ class PackedBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        batches = pack_in_order(torch.randperm(len(self.lengths), generator=generator).tolist(), self.lengths, self.budget)
+        batches = pack_in_order(shuffled(len(self.lengths), self.seed, self.epoch, self.order), self.lengths, self.budget)
         return batches[self.rank : len(batches) - len(batches) % self.num_replicas : self.num_replicas]
 
     def __len__(self) -> int:
@@ -59,9 +70,9 @@ class ResumableSampler(Sampler[int]):
     batch; skipping the batches already trained on keeps a resumed run on the data order of an unbroken one.
     """
 
-    def __init__(self, num_samples: int, seed: int, num_replicas: int = 1, rank: int = 0):
-        self.num_samples = num_samples
-        self.seed = seed
+    def __init__(self, num_samples: int, seed: int, num_replicas: int = 1, rank: int = 0, order: Order | None = None):
+        self.num_samples = num_samples  # as many as `order` gives, where one is given
+        self.seed, self.order = seed, order
         self.num_replicas = num_replicas
         self.rank = rank
         self.epoch = 0
@@ -74,9 +85,8 @@ class ResumableSampler(Sampler[int]):
         return self.num_samples // self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_samples, generator=generator)[: len(self) * self.num_replicas]
-        mine = order[self.rank :: self.num_replicas].tolist()
+        order = shuffled(self.num_samples, self.seed, self.epoch, self.order)[: len(self) * self.num_replicas]
+        mine = order[self.rank :: self.num_replicas]
         skip, self.skip = self.skip, 0
         yield from mine[skip:]
 
@@ -90,6 +100,8 @@ def resume_position(sampler: ResumableSampler | PackedBatchSampler, trainer: pl.
     return sampler
 
 
-def resumable_sampler(trainer: pl.Trainer, num_samples: int, seed: int, batch_size: int) -> ResumableSampler:
+def resumable_sampler(trainer: pl.Trainer, num_samples: int, seed: int, batch_size: int,
+                      order: Order | None = None) -> ResumableSampler:
     """This rank's sampler for the trainer's current epoch, past the batches a restored checkpoint already trained on."""
-    return resume_position(ResumableSampler(num_samples, seed, trainer.world_size, trainer.global_rank), trainer, batch_size)
+    sampler = ResumableSampler(num_samples, seed, trainer.world_size, trainer.global_rank, order)
+    return resume_position(sampler, trainer, batch_size)

@@ -1,0 +1,33 @@
+"""Prints what a run would train on and exits, before any model loads: `python preview.py [train.py's overrides]
+[+rows=N]`. The first N training rows (default 4) decoded, the trained tokens marked, the length distribution, the
+mix's shares and, with packing, the fill of the packed rows (tunelab/data/preview.py)."""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from tunelab.config import ConfigError, validate_config
+
+
+@hydra.main(config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        rows = cfg.get("rows", 4)
+        validate_config(cfg)
+        from tunelab.data import build_datamodule
+        from tunelab.data.preview import preview_text
+        from tunelab.inputs import check_data_rows, load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model)
+        check_data_rows(cfg.data, tokenizer)
+    except ConfigError as error:
+        sys.exit(f"tunelab: error: {error}")
+    datamodule = build_datamodule(cfg.data, tokenizer)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    print(preview_text(datamodule, rows, colour=sys.stdout.isatty()), end="")
+
+
+if __name__ == "__main__":
+    main()
