@@ -18,12 +18,11 @@ from tests.conftest import FAST, ROOT, compose_config, run_train, subprocess_env
 N = 10
 
 
-def final_val_loss(uri: str, run_dir) -> tuple[int, float]:
+def latest_run_history(uri: str, metric: str) -> list:
+    """`metric`'s history in the latest MLflow run of the store, by step."""
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id], order_by=["start_time DESC"])
-    history = client.get_metric_history(runs[0].info.run_id, "val/loss")
-    last = max(history, key=lambda m: m.step)
-    return last.step, last.value
+    return sorted(client.get_metric_history(runs[0].info.run_id, metric), key=lambda m: m.step)
 
 
 @pytest.mark.parametrize("peft,packing", [("none", False), ("lora", False), ("none", True)], ids=["full", "lora", "packed"])
@@ -39,12 +38,18 @@ def test_resume_matches_straight_run(tmp_path, dataset_cache, peft, packing):
     run_train([*common, f"trainer.max_steps={N}"], tmp_path / "resumed", dataset_cache, resumed_uri)
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == N and "rng_states" in checkpoint
-    run_train([*common, f"trainer.max_steps={2 * N}", "ckpt_path=last"], tmp_path / "resumed", dataset_cache, resumed_uri)
+    second = run_train([*common, f"trainer.max_steps={2 * N}", "ckpt_path=last"], tmp_path / "resumed", dataset_cache,
+                       resumed_uri)
 
-    straight_step, straight_loss = final_val_loss(straight_uri, tmp_path / "straight")
-    resumed_step, resumed_loss = final_val_loss(resumed_uri, tmp_path / "resumed")
-    assert straight_step == resumed_step == 2 * N - 1
-    assert resumed_loss == pytest.approx(straight_loss, rel=1e-5, abs=1e-6)
+    # A second call that ignored ckpt_path would train 2N steps from scratch with the same seed and match too: the
+    # resumed call must have loaded last.ckpt and trained (and logged) only the steps after N.
+    resumed_train_steps = [m.step for m in latest_run_history(resumed_uri, "train/loss")]
+    assert resumed_train_steps and min(resumed_train_steps) >= N, resumed_train_steps
+    assert f"Restoring states from the checkpoint path at {tmp_path / 'resumed' / 'checkpoints' / 'last.ckpt'}" in (
+        second.stdout + second.stderr)
+    straight, resumed = latest_run_history(straight_uri, "val/loss")[-1], latest_run_history(resumed_uri, "val/loss")[-1]
+    assert straight.step == resumed.step == 2 * N - 1
+    assert resumed.value == pytest.approx(straight.value, rel=1e-5, abs=1e-6)
 
 
 def start_train(args: list[str], run_dir: Path, cache_dir: Path, tracking_uri: str, script: str = "train.py",
