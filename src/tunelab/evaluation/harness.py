@@ -115,6 +115,24 @@ def training_state_kept(model: torch.nn.Module):
         restore_rng_states(states)
 
 
+@contextmanager
+def masked_attention(model: torch.nn.Module):
+    """transformers' sdpa attention while the harness runs. tunelab trains with an attention that reads no padding mask
+    (tunelab.packing: exact on the real tokens of right-padded rows), and the harness left-pads the prompts it
+    generates from: under the training attention a shorter prompt would attend to its padding."""
+    from tunelab.packing import TRAINING_ATTENTION
+
+    own = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(own.config, "_attn_implementation", None) != TRAINING_ATTENTION:
+        yield
+        return
+    own.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        own.set_attn_implementation(TRAINING_ATTENTION)
+
+
 def evaluate(model, tokenizer, manager, tasks: list[str], limit: int | None, batch_size: int,
              num_fewshot: int | None = None, distribution: Distribution | None = None) -> dict | None:
     """The harness's results dict for `model` on `tasks` (at most `limit` documents each); None on ranks other than
@@ -124,7 +142,7 @@ def evaluate(model, tokenizer, manager, tasks: list[str], limit: int | None, bat
 
     distribution = distribution or Distribution()
     quiet_harness()
-    with training_state_kept(model), torch.no_grad():
+    with training_state_kept(model), masked_attention(model), torch.no_grad():
         lm = training_lm(model, tokenizer, batch_size, distribution)
         results = simple_evaluate(lm, tasks=list(tasks), limit=limit, num_fewshot=num_fewshot, task_manager=manager,
                                   log_samples=False)
