@@ -34,11 +34,14 @@ TRIAL_NUMBER_ENV = "TUNELAB_TRIAL_NUMBER"  # set by hydra/launcher=torchrun on t
 
 
 class StudyTrialCallback(pl.Callback):
-    """Reports each validation's objective to the trial and stops the run when the pruner says so."""
+    """Reports each validation's objective to the trial and stops the run when the pruner says so. With a `signal`
+    (a metric of tunelab.sweep.signals, e.g. val/loss_cooled) it reports that where a validation has one: the pruner
+    compares it, and a pruned trial tells the sampler its last."""
 
-    def __init__(self, trial: optuna.Trial, metric: str, lr_area_of: DictConfig | None = None):
+    def __init__(self, trial: optuna.Trial, metric: str, lr_area_of: DictConfig | None = None, signal: str | None = None):
         self.trial = trial
         self.metric = metric
+        self.signal = signal
         self.lr_area_of = lr_area_of  # an optim config: report on its LR-area clock instead of the optimizer step
         self.last_reported = -1
 
@@ -54,7 +57,9 @@ class StudyTrialCallback(pl.Callback):
         if trainer.sanity_checking or trainer.global_step == 0:  # the base model (validate_at_start) is no progress
             return
         prune = False
-        if trainer.is_global_zero and (value := trainer.callback_metrics.get(self.metric)) is not None:
+        metrics = trainer.callback_metrics
+        value = metrics.get(self.signal) if self.signal in metrics else metrics.get(self.metric)
+        if trainer.is_global_zero and value is not None:
             self.trial.report(float(value), step=self.clock(trainer))
             prune = self.trial.should_prune()
         # Every rank must stop together, or the ones still training wait forever in their next collective.
@@ -93,7 +98,7 @@ def study_trial_callbacks(cfg: DictConfig, logger=None) -> list[pl.Callback]:
     trial.set_user_attr(RUN_DIR_ATTR, str(cfg.paths.output_dir))  # where a re-run of this trial finds its checkpoint
     attach_run(trial, logger, OmegaConf.select(cfg, "logger.run_name"))
     lr_area_of = cfg.optim if hydra.sweeper.pruner.get("clock") == "lr_area" else None
-    return [StudyTrialCallback(trial, cfg.objective.metric, lr_area_of)]
+    return [StudyTrialCallback(trial, cfg.objective.metric, lr_area_of, hydra.sweeper.get("signal"))]
 
 
 def open_trial(sweeper: DictConfig, number: int, max_steps: int) -> optuna.Trial:

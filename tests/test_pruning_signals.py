@@ -1,0 +1,141 @@
+"""Signals a trial can report to the pruner instead of its loss (issue 21): a cooled-down fork and averaged weights.
+Both must leave the run exactly as it would have been, and the replay must charge a fork's steps."""
+
+import importlib.util
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from tests.conftest import FAST, ROOT, compose_config
+from tunelab.sweep.signals import CooldownFork, WeightAverage
+
+
+class Record(pl.Callback):
+    """What the run did: each validation's metrics, the batches it trained on and its weights after each step."""
+
+    def __init__(self):
+        self.validations, self.batches, self.weights = [], [], []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch["input_ids"].clone())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.weights.append([p.detach().clone() for p in pl_module.parameters() if p.requires_grad])
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validations.append({"step": trainer.global_step,
+                                     **{k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}})
+
+
+class RecordedFork(CooldownFork):
+    """The fork, recording the first batch each fork trains on."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.first_batches = []
+
+    def cool_down(self, trainer, pl_module, optimizer, params):
+        loader = trainer.datamodule.train_dataloader()
+        self.first_batches.append(next(iter(loader))["input_ids"].clone())
+        super().cool_down(trainer, pl_module, optimizer, params)
+
+
+def fit(peft: str, tmp_path, cache, *signals: pl.Callback):
+    """A 20-step run of the embedded task, validated every 5 batches of an epoch, built as train.py builds it."""
+    from tunelab.data import build_datamodule
+    from tunelab.inputs import load_tokenizer
+    from tunelab.model import build_model
+    from tunelab.module import build_module
+    from tunelab.peft import apply_peft
+
+    cfg = compose_config([*FAST, f"peft={peft}", "optim.lr=3e-3"], tmp_path, cache)
+    tokenizer = load_tokenizer(cfg.model)
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg.data, tokenizer)
+    model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer), cfg.peft)
+    module = build_module(cfg.module, model, cfg.optim, adapter_only_checkpoints=bool(cfg.peft))
+    record = Record()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=20, val_check_interval=5, logger=False, num_sanity_val_steps=0,
+                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[*signals, record])
+    trainer.fit(module, datamodule=datamodule)
+    return module, trainer, record
+
+
+@pytest.mark.parametrize("peft", ["lora", "none"])
+def test_a_run_with_forks_and_averaged_weights_ends_bitwise_as_one_without(peft, tmp_path, dataset_cache):
+    plain, plain_trainer, plain_record = fit(peft, tmp_path / "plain", dataset_cache)
+    fork, average = RecordedFork(steps=3), WeightAverage(decay=0.8)
+    signalled, signalled_trainer, record = fit(peft, tmp_path / "signals", dataset_cache, fork, average)
+
+    # The signals were taken at each validation before the last step, and are values of their own.
+    steps = [v["step"] for v in record.validations]
+    assert len(steps) >= 3 and fork.forks == sum(step < 20 for step in steps)
+    assert all(sorted(v) == ["step", "val/exact_match", "val/loss", *(["val/loss_cooled", "val/loss_ema"] if v["step"] < 20 else [])]
+               for v in record.validations)
+    assert all(v["val/loss_cooled"] != v["val/loss"] != v["val/loss_ema"] for v in record.validations if v["step"] < 20)
+    # Each fork trained on the batches the run trained on next.
+    assert all(torch.equal(first, record.batches[step]) for first, step in zip(fork.first_batches, steps, strict=False))
+    # Bitwise the same run: the batches, every step's weights, each validation, the optimizer's state at the end.
+    assert all(torch.equal(a, b) for a, b in zip(plain_record.batches, record.batches, strict=True))
+    assert all(torch.equal(a, b) for steps in zip(plain_record.weights, record.weights, strict=True) for a, b in zip(*steps))
+    assert [{k: v[k] for k in ("step", "val/loss", "val/exact_match")} for v in record.validations] == plain_record.validations
+    plain_state, state = plain_trainer.optimizers[0].state_dict(), signalled_trainer.optimizers[0].state_dict()
+    assert plain_state["param_groups"] == state["param_groups"]
+    assert all(torch.equal(plain_state["state"][i][key], state["state"][i][key])
+               for i in plain_state["state"] for key in plain_state["state"][i])
+    assert plain_trainer.lr_scheduler_configs[0].scheduler.state_dict() == \
+        signalled_trainer.lr_scheduler_configs[0].scheduler.state_dict()
+
+    # The average is the exponential moving average of the weights after each step, from the first step's.
+    expected = record.weights[0]
+    for weights in record.weights[1:]:
+        expected = [0.8 * e + 0.2 * w for e, w in zip(expected, weights)]
+    assert all(torch.allclose(a, e, rtol=1e-5, atol=1e-7) for a, e in zip(average.average, expected, strict=True))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: CooldownFork(steps=0), "steps=0 must be an integer >= 1"),
+    (lambda: CooldownFork(shape="cosine"), "shape=cosine is not one of: linear, 1-sqrt"),
+    (lambda: WeightAverage(decay=1.0), "decay=1.0 must be within (0, 1)"),
+])
+def test_bad_signal_settings_are_refused_with_the_key_and_the_range(make, message):
+    with pytest.raises(ValueError) as error:
+        make()
+    assert str(error.value) == message
+
+
+@pytest.fixture(scope="module")
+def replay():
+    spec = importlib.util.spec_from_file_location("pruning_replay", ROOT / "benchmarks" / "pruning_replay.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_replay_reports_a_signal_before_the_last_validation_and_charges_each_fork(replay):
+    curve = {"params": {}, "points": [[10, 5, 0.9], [20, 10, 0.7], [30, 15, 0.6]], "fork_steps": 4,
+             "cooled": [[10, 0.8], [20, 0.65]], "ema": [[10, 0.85], [20, 0.68]]}
+    # (step, lr_area, value reported, trial-steps spent): a fork of 4 steps at each of the first two validations.
+    assert replay.reports(curve, "cooled") == [(10, 5, 0.8, 14), (20, 10, 0.65, 28), (30, 15, 0.6, 38)]
+    assert replay.reports(curve, "ema") == [(10, 5, 0.85, 10), (20, 10, 0.68, 20), (30, 15, 0.6, 30)]
+    assert replay.reports(curve, "loss") == [(10, 5, 0.9, 10), (20, 10, 0.7, 20), (30, 15, 0.6, 30)]
+
+
+def test_fewer_trials_are_replayed_as_the_first_trials_of_the_unpruned_sweep(replay):
+    # Two curves, lr 1e-4 (objective 0.6) and 3e-2 (objective 0.4); 10 trials of 60 steps; the first 7 cost 70%.
+    recorded = {"max_steps": 60, "max_warmup_ratio": 0.2, "curves": [
+        {"params": {"optim.lr": lr, "peft.r": 16, "optim.warmup_ratio": 0.1},
+         "points": [[step, step / 2, final + (60 - step) / 100] for step in range(10, 61, 10)]}
+        for lr, final in ((1e-4, 0.6), (3e-2, 0.4))]}
+    results = replay.replay(recorded, samplers=("random",), pruners=("none",), seeds=range(3), n_trials=10)
+    space = replay.search_space()
+    for seed, run in enumerate(results["random", "first_7"]):
+        import optuna
+
+        lrs = [optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed + k)).ask(space).params["optim.lr"]
+               for k in range(10)]
+        high = [lr > (1e-4 * 3e-2) ** 0.5 for lr in lrs]
+        regret = 0.0 if any(high[:7]) or not any(high) else 0.6 / 0.4 - 1
+        assert run == {"share": pytest.approx(0.7), "regret": pytest.approx(regret)}
