@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 train: install
 	$(PY) train.py $(ARGS)
 
-# Debian packages the tests' own servers need (PostgreSQL, Chromium); a no-op when present.
+# Debian packages the tests' own servers need (PostgreSQL, Chromium, SLURM); a no-op when present.
 services:
 	bash .ci/services.sh
 
@@ -56,9 +56,11 @@ bench-scale-out: install
 bench-sweep: install
 	bash benchmarks/sweep_efficiency.sh
 
-# Pruners replayed offline (issue 14): 40 seeds per sampler x pruner on recorded validation curves, in minutes. The
-# curves are recorded first where benchmarks/pruning_curves.json is missing: 140 LoRA configurations of 150 steps on
-# the tiny task, 7x the trials of bench-sweep's unpruned sweep (resumable: the study in $(CURVES_WORK) is the cache).
+# Pruners replayed offline (issues 14, 21): 40 seeds per sampler (TPE, random, GP) x pruner on recorded validation
+# curves, beside unpruned sweeps of the first 7, 10 and 14 trials (the baseline a pruner must beat at equal
+# trial-steps). The curves are recorded first where benchmarks/pruning_curves.json is missing: 140 LoRA configurations
+# of 150 steps on the tiny task, 7x the trials of bench-sweep's unpruned sweep (resumable: the study in
+# $(CURVES_WORK) is the cache; record_curves.py --signals --jobs N adds the cooled-fork and EMA signals).
 CURVES_WORK ?= /tmp/tunelab-pruning-curves
 bench-pruning: install
 	test -f benchmarks/pruning_curves.json || $(PY) benchmarks/record_curves.py --work $(CURVES_WORK)

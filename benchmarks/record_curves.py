@@ -8,11 +8,19 @@ studies are the cache: running the script again continues them, and only the mis
 go to a JSON file of
 {"max_steps", "max_warmup_ratio", "curves": [{"params", "points": [[step, lr_area, val/loss], ...]}]}.
 
+With --signals, every run also takes the signals of tunelab.sweep.signals at each validation but the last (a cooled
+fork of --fork-steps steps, the EMA of the weights; the run itself unchanged) and each configuration is also run to a
+complete schedule of 1/5 and 1/3 of the budget; a curve then adds "fork_steps", "cooled" and "ema" ([[step, value],
+...]) and "short" ({steps: final val/loss}). The full grid (7 LRs x 4 ranks x 5 warm-ups) needs a machine with cores
+(--jobs N); --lr-index and --rank-index record a part of it.
+
 Usage: python benchmarks/record_curves.py [--work DIR] [--out benchmarks/pruning_curves.json] [--jobs N]
-       [--lrs K] [--max-steps 150] [--val-every 25] [--base-steps 400] [--threads T]
+       [--lrs K | --lr-index I,J] [--rank-index I,J] [--warmups 0,0.1] [--max-steps 150] [--val-every 25]
+       [--base-steps 400] [--threads T] [--signals --fork-steps 5]
 """
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -26,17 +34,20 @@ RANKS = (4, 8, 16, 32)
 WARMUP_RATIOS = (0.0, 0.05, 0.1, 0.15, 0.2)  # lora_search's interval [0, 0.2]
 
 
-def study_name(shard: tuple[int, int]) -> str:
-    return f"curves-lr{shard[0]}-r{shard[1]}"
+SHORT_FRACTIONS = (5, 3)  # complete-schedule runs of 1/5 and 1/3 of the budget, with --signals
 
 
-def storage(work: Path, shard: tuple[int, int]) -> str:
-    return f"sqlite:///{work / study_name(shard)}.db"
+def study_name(shard: tuple[int, int], steps: int | None = None) -> str:
+    return f"curves-lr{shard[0]}-r{shard[1]}" + (f"-short{steps}" if steps else "")
 
 
-def shards(lr_count: int) -> list[tuple[int, int]]:
+def storage(work: Path, shard: tuple[int, int], steps: int | None = None) -> str:
+    return f"sqlite:///{work / study_name(shard, steps)}.db"
+
+
+def shards(lrs, ranks) -> list[tuple[int, int]]:
     """(learning rate, rank) index pairs: one study each, over the warm-ups."""
-    return [(lr, rank) for lr in range(lr_count) for rank in range(len(RANKS))]
+    return [(lr, rank) for lr in lrs for rank in ranks]
 
 
 def choice(values) -> str:
@@ -51,17 +62,38 @@ def train_base(work: Path, steps: int, env: dict) -> Path:
     return base / "export"
 
 
-def record(work: Path, base: Path, shard: tuple[int, int], max_steps: int, val_every: int, env: dict) -> None:
-    name = study_name(shard)
+def record(work: Path, base: Path, shard: tuple[int, int], max_steps: int, val_every: int, env: dict,
+           warmups=WARMUP_RATIOS, signals: int = 0, short: int | None = None) -> None:
+    """One study over the warm-ups; `signals`: fork steps of the cooled fork (0: no signals); `short`: a complete
+    schedule of that many steps instead of max_steps, validated at its end only."""
+    name = study_name(shard, short)
+    extra = ["logger=csv"] if signals and not short else ["logger=none"]
+    if signals and not short:
+        extra += ["+callbacks.cooldown_fork._target_=tunelab.sweep.signals.CooldownFork",
+                  f"+callbacks.cooldown_fork.steps={signals}",
+                  "+callbacks.weight_average._target_=tunelab.sweep.signals.WeightAverage"]
+    steps = short or max_steps
     run([sys.executable, "train.py", "-m", "sweep=lora_search", "hydra.sweeper.params=null",
          "hydra/sweeper/sampler=grid", "hydra/sweeper/pruner=none", f"optim.lr={choice([LRS[shard[0]]])}",
-         f"peft.r={choice([RANKS[shard[1]]])}", f"optim.warmup_ratio={choice(WARMUP_RATIOS)}",
-         f"hydra.sweeper.n_trials={len(WARMUP_RATIOS)}", f"hydra.sweeper.study_name={name}",
-         f"hydra.sweeper.storage={storage(work, shard)}", f"hydra.sweep.dir={work / f'multirun-{name}'}",
+         f"peft.r={choice([RANKS[shard[1]]])}", f"optim.warmup_ratio={choice(warmups)}",
+         f"hydra.sweeper.n_trials={len(warmups)}", f"hydra.sweeper.study_name={name}",
+         f"hydra.sweeper.storage={storage(work, shard, short)}", f"hydra.sweep.dir={work / f'multirun-{name}'}",
          f"model.name_or_path={base}", "model.init=pretrained", "model.tokenizer=null",
-         f"trainer.max_steps={max_steps}", f"trainer.val_check_interval={val_every}", "callbacks=none",
-         "export=false", "logger=none"],
+         f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps if short else val_every}", "callbacks=none",
+         "export=false", *extra],
         env, work / f"{name}.log")
+
+
+def logged_signals(work: Path, shard: tuple[int, int], number: int) -> dict:
+    """{"cooled": [[step, value], ...], "ema": [...]} from a trial's metrics.csv (logger=csv in its job dir)."""
+    path = work / f"multirun-{study_name(shard)}" / str(number) / "csv" / "version_0" / "metrics.csv"
+    found = {"cooled": [], "ema": []}
+    if path.exists():
+        for row in csv.DictReader(path.open()):
+            for signal in found:
+                if row.get(f"val/loss_{signal}"):
+                    found[signal].append([int(row["step"]), float(row[f"val/loss_{signal}"])])
+    return found
 
 
 def run(command: list[str], env: dict, log: Path) -> None:
@@ -70,27 +102,45 @@ def run(command: list[str], env: dict, log: Path) -> None:
             sys.exit(f"tunelab: error: {' '.join(command[:4])} ... failed: see {log}")
 
 
-def export(work: Path, lr_count: int, max_steps: int, out: Path) -> int:
-    """Writes the complete trials' curves, each validation with its LR area under the trial's own schedule."""
+def export(work: Path, chosen: list[tuple[int, int]], max_steps: int, out: Path, fork_steps: int = 0) -> int:
+    """Writes the complete trials' curves, each validation with its LR area under the trial's own schedule, and where
+    recorded the signals and the short complete-schedule runs' final losses."""
     import optuna
     from omegaconf import OmegaConf
 
     from tunelab.optim import lr_area
 
     min_lr_ratio = OmegaConf.load(ROOT / "conf" / "optim" / "adamw_cosine.yaml").min_lr_ratio
-    trials = []
-    for shard in shards(lr_count):
-        if (work / f"{study_name(shard)}.db").exists():
-            study = optuna.load_study(study_name=study_name(shard), storage=storage(work, shard))
-            trials += study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     curves = []
-    for trial in trials:
-        warmup = round(trial.params["optim.warmup_ratio"] * max_steps)  # tunelab.optim.warmup_steps
-        points = [[step, lr_area(step, max_steps, warmup, min_lr_ratio), loss]
-                  for step, loss in sorted(trial.intermediate_values.items())]
-        curves.append({"params": trial.params, "points": points})
+    for shard in chosen:
+        if not (work / f"{study_name(shard)}.db").exists():
+            continue
+        complete = optuna.trial.TrialState.COMPLETE
+        study = optuna.load_study(study_name=study_name(shard), storage=storage(work, shard))
+        shorts = {steps: {t.params["optim.warmup_ratio"]: t.value
+                          for t in optuna.load_study(study_name=study_name(shard, steps), storage=storage(work, shard, steps))
+                          .get_trials(states=(complete,))}
+                  for steps in short_steps(max_steps) if (work / f"{study_name(shard, steps)}.db").exists()}
+        for trial in study.get_trials(states=(complete,)):
+            warmup = round(trial.params["optim.warmup_ratio"] * max_steps)  # tunelab.optim.warmup_steps
+            points = [[step, lr_area(step, max_steps, warmup, min_lr_ratio), loss]
+                      for step, loss in sorted(trial.intermediate_values.items())]
+            curve = {"params": trial.params, "points": points}
+            if fork_steps:
+                curve.update(fork_steps=fork_steps, **logged_signals(work, shard, trial.number))
+                curve["short"] = {str(steps): values[trial.params["optim.warmup_ratio"]]
+                                  for steps, values in shorts.items() if trial.params["optim.warmup_ratio"] in values}
+            curves.append(curve)
     out.write_text(json.dumps({"max_steps": max_steps, "max_warmup_ratio": max(WARMUP_RATIOS), "curves": curves}))
     return len(curves)
+
+
+def short_steps(max_steps: int) -> list[int]:
+    return [max_steps // fraction for fraction in SHORT_FRACTIONS]
+
+
+def indices(text: str | None, count: int) -> list[int]:
+    return list(range(count)) if text is None else [int(i) for i in text.split(",")]
 
 
 def main(argv: list[str]) -> None:
@@ -104,20 +154,30 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--max-steps", type=int, default=150)
     parser.add_argument("--val-every", type=int, default=25)
     parser.add_argument("--base-steps", type=int, default=400)
+    parser.add_argument("--lr-index", help="comma-separated indices into LRS (instead of --lrs)")
+    parser.add_argument("--rank-index", help="comma-separated indices into RANKS (default: all)")
+    parser.add_argument("--warmups", help="comma-separated warm-up ratios (default: all of WARMUP_RATIOS)")
+    parser.add_argument("--signals", action="store_true", help="also record the cooled fork, the EMA, short runs")
+    parser.add_argument("--fork-steps", type=int, default=5)
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     args.work = args.work.resolve()
     env = {**os.environ, "TUNELAB_CACHE": str(args.work / "cache"), "PYTHONUNBUFFERED": "1",
            "MLFLOW_TRACKING_URI": f"sqlite:///{args.work / 'mlflow.db'}"}
-    lr_count = min(args.lrs, len(LRS))
+    chosen = shards(indices(args.lr_index, min(args.lrs, len(LRS))), indices(args.rank_index, len(RANKS)))
+    warmups = WARMUP_RATIOS if args.warmups is None else tuple(float(w) for w in args.warmups.split(","))
+    fork_steps = args.fork_steps if args.signals else 0
+    jobs = [(shard, None) for shard in chosen] + [(shard, steps) for shard in chosen if fork_steps
+                                                  for steps in short_steps(args.max_steps)]
     if not args.export_only:
         base = train_base(args.work, args.base_steps, env)
         threads = str(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
         env = {**env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(lambda shard: record(args.work, base, shard, args.max_steps, args.val_every, env),
-                          shards(lr_count)))
-    print(f"{export(args.work, lr_count, args.max_steps, args.out)} curves of {args.max_steps} steps in {args.out}")
+            list(pool.map(lambda job: record(args.work, base, job[0], args.max_steps, args.val_every, env, warmups,
+                                             fork_steps, job[1]), jobs))
+    count = export(args.work, chosen, args.max_steps, args.out, fork_steps)
+    print(f"{count} curves of {args.max_steps} steps in {args.out}")
 
 
 if __name__ == "__main__":
