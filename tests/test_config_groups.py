@@ -43,6 +43,8 @@ EXPECTED = {
     ("data", "alpaca"): (InstructionDataModule, {"source": "hub", "path": "tatsu-lab/alpaca", "format": "alpaca",
                                                  "max_length": 512, "batch_size": 8}),
     ("data", "jsonl"): (InstructionDataModule, {"source": "jsonl", "format": "auto", "max_length": 1024, "batch_size": 8}),
+    ("data", "mix"): (InstructionDataModule, {"sources": [("reverse", "jsonl", 3.0), ("upper", "jsonl", 1.0)],
+                                              "max_length": 1024, "batch_size": 8}),
     ("data", "pairs"): (PreferenceDataModule, {"source": "jsonl", "format": "auto", "max_length": 1024, "batch_size": 4}),
     ("data", "random_tokens"): (RandomTokenDataModule, {"num_examples": 256, "max_length": 2048, "batch_size": 4,
                                                         "val_size": 8}),
@@ -56,7 +58,9 @@ EXPECTED = {
     ("eval", "none"): None,
     ("eval", "tiny"): (["tunelab_tiny", "tunelab_tiny_choice"], 100, 32, True),
     # its own values over the groups it picks (warm-up: 0.03 of 2000 steps)
-    ("experiment", "llama1b_alpaca_lora"): {"experiment_name": "llama1b-alpaca-lora", "lr": 2e-4, "warmup_steps": 60,
+    ("experiment", "llama1b_alpaca_lora"): {"choices": {"model": "llama1b", "data": "alpaca", "peft": "lora",
+                                                        "precision": "bf16_true"},
+                                            "experiment_name": "llama1b-alpaca-lora", "lr": 2e-4, "warmup_steps": 60,
                                             "max_steps": 2000, "val_check_interval": 200, "accumulate_grad_batches": 4},
     # (on the CPU, on a GPU): what `auto` resolves to, per piece
     ("kernels", "auto"): ({"loss": "plain", "compile": "none", "fused_ops": "none"},
@@ -106,6 +110,11 @@ def companions(group: str, option: str, tmp_path) -> list[str]:
     if (group, option) == ("data", "jsonl"):
         rows.write_text('{"instruction": "echo", "input": "a", "output": "a"}\n')
         return [f"data.path={rows}"]
+    if (group, option) == ("data", "mix"):
+        rows.write_text('{"instruction": "echo", "input": "a", "output": "a"}\n')
+        (tmp_path / "more.jsonl").write_text('{"instruction": "echo", "input": "b", "output": "b"}\n')
+        return [f"data.sources=[{{name: reverse, path: '{rows}', weight: 3}}, "
+                f"{{name: upper, path: '{tmp_path / 'more.jsonl'}', weight: 1}}]"]
     if (group, option) == ("data", "pairs"):
         rows.write_text('{"prompt": "echo a", "chosen": "a", "rejected": "b"}\n')
         return [f"data.path={rows}", "module=dpo"]
@@ -190,12 +199,14 @@ def builds_data(cfg, expected, tokenizer):
     kind, values = expected
     datamodule = build_datamodule(cfg.data, tokenizer)
     assert type(datamodule) is kind
-    assert {key: getattr(datamodule, key) for key in values} == values
+    built = {key: getattr(datamodule, key) for key in values}
+    if "sources" in built:  # a mix: each source's name, kind and weight
+        built["sources"] = [(source.name, source.source, source.weight) for source in built["sources"]]
+    assert built == values
 
 
 def builds_experiment(cfg, expected, tokenizer):
-    choices = cfg.hydra.runtime.choices
-    assert (choices.model, choices.data, choices.peft, choices.precision) == ("llama1b", "alpaca", "lora", "bf16_true")
+    assert {group: cfg.hydra.runtime.choices[group] for group in expected["choices"]} == expected["choices"]
     cfg.model.init = "random"
     with torch.device("meta"):
         model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer), cfg.peft)
