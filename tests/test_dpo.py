@@ -1,0 +1,247 @@
+"""DPO (module=dpo, tunelab.dpo) on preference pairs (tunelab.data.preference): equal to trl's DPOTrainer on the same
+batch, learning the embedded preference task from an SFT export, resuming and scaling out like SFT, and refusing bad
+pairs and keys with one line."""
+
+import copy
+import csv
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests.conftest import compose_config, run_train
+
+PAIRS = [
+    {"prompt": "reverse", "input": "abc", "chosen": "cba", "rejected": "abd"},
+    {"prompt": "upper", "input": "hello", "chosen": "HELLO", "rejected": "hellohello"},
+    {"prompt": "double", "input": "ok", "chosen": "okok", "rejected": "OK"},
+]
+
+
+def tiny_model(tmp_path, dataset_cache, peft: str):
+    """The embedded model in float64, a LoRA adapter on it where `peft`, with the char tokenizer."""
+    from tunelab.char_tokenizer import build_char_tokenizer
+    from tunelab.model import build_model
+    from tunelab.peft import apply_peft
+
+    tokenizer = build_char_tokenizer()
+    cfg = compose_config([f"peft={peft}", "peft.lora_dropout=0.0"] if peft != "none" else [], tmp_path, dataset_cache)
+    torch.manual_seed(0)
+    model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer).double(), cfg.peft)
+    return model, tokenizer, cfg
+
+
+def pair_batch(tokenizer) -> dict:
+    from tunelab.data.preference import PairTokenizer, PreferenceCollator
+
+    tokenize = PairTokenizer("alpaca", ("{instruction} {input}=", "{instruction}="), tokenizer, max_length=48)
+    return PreferenceCollator(tokenizer.pad_token_id)([{**tokenize(pair), "index": i} for i, pair in enumerate(PAIRS)])
+
+
+@torch.no_grad()
+def move_policy_away(model) -> None:
+    """The policy differs from its reference: random LoRA B matrices (zero at init), or noise on a full model's weights."""
+    generator = torch.Generator().manual_seed(1)
+    adapter = hasattr(model, "disable_adapter")
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and ("lora_B" in name or not adapter):
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+
+
+def trl_oracle(policy, reference, batch: dict, beta: float, loss_type: str, label_smoothing: float):
+    """trl's own DPO loss and metrics (DPOTrainer._compute_loss, trl >= 1.0) on the same batch: a DPOTrainer given only
+    the attributes that method reads, trl's fused LM head on a copy of each model, and the reference as trl gets it
+    (the adapter switched off where `reference` is None)."""
+    from accelerate import Accelerator
+    from trl import DPOTrainer
+    from trl.trainer.utils import add_fused_lm_head
+
+    def fused(model):
+        model = copy.deepcopy(model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        add_fused_lm_head(base, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
+        return model
+
+    trainer = DPOTrainer.__new__(DPOTrainer)
+    trainer.model, trainer.ref_model = fused(policy), (fused(reference) if reference is not None else None)
+    trainer.accelerator = Accelerator(cpu=True)
+    trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None)
+    trainer.precompute_ref_logps, trainer.ld_alpha, trainer.aux_loss_enabled, trainer.use_weighting = False, None, False, False
+    trainer.f_divergence_type, trainer.loss_types, trainer.loss_weights = "reverse_kl", [loss_type], [1.0]
+    trainer.beta, trainer.label_smoothing = beta, label_smoothing
+    trainer._metrics, trainer._total_train_tokens, trainer._tp_size = defaultdict(lambda: defaultdict(list)), 0, 1
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "completion_mask": (batch["labels"] != -100).long()}
+    loss = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
+    metrics = trainer._metrics["train"]
+    return loss.item(), {ours: metrics[theirs][-1] for ours, theirs in [
+        ("rewards/chosen", "rewards/chosen"), ("rewards/rejected", "rewards/rejected"),
+        ("rewards/margin", "rewards/margins"), ("rewards/accuracy", "rewards/accuracies"),
+        ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected")]}
+
+
+@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.2)])
+@pytest.mark.parametrize("peft", ["lora", "none"], ids=["lora_adapter_off", "full_frozen_copy"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "chunked"])
+def test_loss_and_rewards_equal_trls_dpo_on_the_same_batch(tmp_path, dataset_cache, peft, loss_type, label_smoothing, fused):
+    from tunelab.dpo import DPOModule
+    from tunelab.kernels import FusedLinearLoss
+    from tunelab.module import model_loss
+
+    model, tokenizer, cfg = tiny_model(tmp_path, dataset_cache, peft)
+    batch = pair_batch(tokenizer)
+    beta = 0.3
+    loss = FusedLinearLoss(model, chunk_size=7, use_liger=False) if fused else model_loss
+    module = DPOModule(model, cfg.optim, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, loss=loss)
+    assert module.reference == ("adapter" if peft == "lora" else "copy")
+    reference = None if peft == "lora" else copy.deepcopy(model)  # trl's ref_model: the model before training
+    move_policy_away(model)
+
+    ours, metrics = module.pair_loss(batch, "train")
+    theirs, their_metrics = trl_oracle(model, reference, batch, beta, loss_type, label_smoothing)
+    assert ours.item() == pytest.approx(theirs, rel=0, abs=1e-5)
+    assert abs(their_metrics["rewards/margin"]) > 1e-3  # the policy really moved off its reference
+    for name, value in their_metrics.items():
+        assert float(metrics[name]) == pytest.approx(value, rel=0, abs=1e-5), name
+
+
+def test_chunked_log_probs_give_the_gradients_of_the_full_logits(tmp_path, dataset_cache):
+    # The fused path's own backward (tunelab.dpo.ChunkedTargetLogProbs) against autograd through the whole logits.
+    from tunelab.dpo import sequence_logps
+
+    model, tokenizer, _ = tiny_model(tmp_path, dataset_cache, "none")
+    batch = pair_batch(tokenizer)
+    weights = torch.linspace(-1, 2, batch["input_ids"].size(0), dtype=torch.float64)
+    gradients = []
+    for chunk in (None, 5):
+        model.zero_grad()
+        logps, _ = sequence_logps(model, batch, chunk)
+        (logps * weights).sum().backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    plain, chunked = gradients
+    for name, gradient in plain.items():
+        torch.testing.assert_close(chunked[name], gradient, rtol=1e-9, atol=1e-12, msg=name)
+
+
+# ── bad input: one line ────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def tokenizer_without_chat_template(directory: Path) -> Path:
+    from tunelab.char_tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+CHAT_PAIR = {"prompt": [{"role": "user", "content": "reverse abc"}], "chosen": "cba", "rejected": "abc"}
+BAD_PAIRS = [
+    ([{**PAIRS[0], "rejected": PAIRS[0]["chosen"]}, *PAIRS], [], "line 1 has chosen equal to rejected"),
+    ([*PAIRS, {"prompt": "upper", "chosen": "X"}], [], "line 4 has no rejected"),
+    ([CHAT_PAIR] * 40, ["model.tokenizer={tokenizer}"], "holds chat rows, and the tokenizer has no chat template"),
+]
+
+
+@pytest.mark.parametrize("rows,args,message", BAD_PAIRS, ids=["chosen_equals_rejected", "missing_field", "no_chat_template"])
+def test_bad_pairs_are_refused_with_one_line_before_training(tmp_path, dataset_cache, rows, args, message):
+    from tunelab.config import ConfigError, validate_config
+    from tunelab.inputs import check_inputs, load_tokenizer
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    tokenizer = tokenizer_without_chat_template(tmp_path / "tokenizer")
+    cfg = compose_config(["module=dpo", "data=pairs", f"data.path={path}", "data.batch_size=2", "logger=none", "eval=none",
+                          *(arg.format(tokenizer=tokenizer) for arg in args)], tmp_path / "run", dataset_cache)
+    validate_config(cfg)
+    with pytest.raises(ConfigError, match=message) as error:
+        check_inputs(cfg, load_tokenizer(cfg.model))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["module.beta=0"], "module.beta=0 must be > 0"),
+    (["module.loss_type=hinge"], "module.loss_type=hinge is not one of: sigmoid, ipo, robust"),
+    (["module.label_smoothing=0.1"], "module.label_smoothing=0.1 is for module.loss_type=robust"),
+    (["module.reference=adapter"], "module.reference=adapter needs an adapter to switch off"),
+    (["data=tiny"], "module=dpo trains on preference pairs"),
+], ids=["beta_zero", "unknown_loss", "smoothing_without_robust", "adapter_without_lora", "sft_rows"])
+def test_bad_dpo_keys_are_refused_with_one_line(tmp_path, dataset_cache, args, message):
+    from tunelab.config import ConfigError, validate_config
+
+    with pytest.raises(ConfigError, match=message):
+        validate_config(compose_config(["module=dpo", "data=tiny_pairs", "logger=none", *args], tmp_path, dataset_cache))
+
+
+def test_negative_beta_ends_train_py_with_one_line(tmp_path, dataset_cache):
+    result = run_train(["module=dpo", "data=tiny_pairs", "module.beta=-0.1", "logger=none"], tmp_path / "run",
+                       dataset_cache, check=False, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == "tunelab: error: module.beta=-0.1 must be > 0"
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ── whole runs ───────────────────────────────────────────────────────────────────────────────────────────────────
+
+QUIET = ["logger=csv", "eval=none", "callbacks.progress_bar=null", "trainer.log_every_n_steps=1"]
+SMALL_DPO = [*QUIET, "module=dpo", "data=tiny_pairs", "data.num_examples=400", "data.batch_size=8", "data.val_size=32",
+             "callbacks.samples=null", "callbacks.early_stopping=null", "export=false", "optim.lr=1e-3"]
+
+
+def logged(run_dir: Path) -> dict[str, dict[int, float]]:
+    """metric -> {step: value} of a run's CSV log (every version: a resumed run writes a new one)."""
+    series = defaultdict(dict)
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            for name, value in row.items():
+                if value and name not in ("step", "epoch"):
+                    series[name][int(row["step"])] = float(value)
+    return series
+
+
+@pytest.mark.parametrize("peft,reference", [("none", "precomputed"), ("lora", "auto")], ids=["full_precomputed", "lora_adapter_off"])
+def test_resume_mid_epoch_gives_the_losses_of_a_straight_run(tmp_path, dataset_cache, peft, reference):
+    n = 4  # 368 training pairs in batches of 8: the resume at step 4 falls mid-epoch
+    common = [*SMALL_DPO, f"peft={peft}", f"module.reference={reference}", f"trainer.val_check_interval={n}",
+              f"optim.total_steps={2 * n}", *(["peft.lora_dropout=0.0"] if peft == "lora" else [])]
+    run_train([*common, f"trainer.max_steps={2 * n}"], tmp_path / "straight", dataset_cache)
+    run_train([*common, f"trainer.max_steps={n}"], tmp_path / "resumed", dataset_cache)
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == n
+    assert ("dpo_reference_logps" in checkpoint) == (reference == "precomputed")
+    resumed = run_train([*common, f"trainer.max_steps={2 * n}", "ckpt_path=last"], tmp_path / "resumed", dataset_cache)
+    assert "Restoring states from the checkpoint path" in resumed.stdout + resumed.stderr
+
+    straight, second = logged(tmp_path / "straight"), logged(tmp_path / "resumed")
+    steps = sorted(second["train/loss"])
+    assert steps == list(range(2 * n)) and sorted(straight["train/loss"]) == steps
+    for name in ("train/loss", "train/rewards/margin", "val/loss", "val/rewards/accuracy"):
+        for step, value in straight[name].items():
+            assert second[name][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, step)
+    assert straight["train/loss"][2 * n - 1] != pytest.approx(straight["train/loss"][0])  # it trained
+
+
+DDP2 = ["strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def test_ddp_on_two_processes_equals_one_process(tmp_path, dataset_cache):
+    # Each pair's loss depends on its own two rows only (summed log-probs, right padding), so two ranks of 8 pairs
+    # average to one process's 16.
+    common = [*SMALL_DPO, "trainer.max_steps=4", "trainer.val_check_interval=4", "optim.total_steps=4"]
+    run_train([*common, "data.batch_size=16"], tmp_path / "one", dataset_cache)
+    run_train([*common, *DDP2, "data.batch_size=8"], tmp_path / "two", dataset_cache)
+    one, two = (json.loads((tmp_path / name / "objective.json").read_text()) for name in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["objective"] == pytest.approx(one["objective"], rel=1e-5)
+    one_logged, two_logged = logged(tmp_path / "one"), logged(tmp_path / "two")
+    for name in ("val/rewards/margin", "val/logps/chosen", "val/logps/rejected"):
+        assert two_logged[name][3] == pytest.approx(one_logged[name][3], rel=1e-5), name
+    assert abs(one_logged["val/rewards/margin"][3]) > 1e-3  # four steps moved the policy off its reference
