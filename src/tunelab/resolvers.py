@@ -3,6 +3,9 @@
 `${tunelab.recommended_lr:${oc.select:model.recommended_lr,null},${peft}}` is the default of `optim.lr`: the learning
 rate the model option recommends for a full fine-tune (`full`) or for adapters (`adapter`, LoRA and QLoRA). Full
 fine-tunes of 1B+ models diverge at the embedded tiny model's rate (3e-3), and adapters want about 10x the full rate.
+
+`${tunelab.slurm_tasks:${trainer.devices}}` is hydra/launcher=slurm's tasks (and GPUs) per node: `trainer.devices`, where
+`auto` asks for one, which is what Lightning's `auto` then finds in a one-GPU (or CPU) allocation.
 """
 
 from omegaconf import OmegaConf
@@ -16,4 +19,13 @@ def recommended_lr(rates, peft) -> float:
     return float((rates or GENERIC_LR).get(kind, GENERIC_LR[kind]))
 
 
+def slurm_tasks(devices) -> int:
+    if devices == "auto":
+        return 1
+    if isinstance(devices, int) and devices >= 1:
+        return devices
+    raise ValueError(f"hydra/launcher=slurm starts one task per device: give trainer.devices as a number, not {devices!r}")
+
+
 OmegaConf.register_resolver("tunelab.recommended_lr", recommended_lr, replace=True)
+OmegaConf.register_resolver("tunelab.slurm_tasks", slurm_tasks, replace=True)

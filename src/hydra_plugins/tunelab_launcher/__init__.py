@@ -1,1 +1,1 @@
-"""tunelab's Hydra launcher plugin: sweep trials as separate torchrun jobs."""
+"""tunelab's Hydra launcher plugins: sweep trials as separate torchrun jobs, and hydra/launcher=slurm's SLURM launcher."""
