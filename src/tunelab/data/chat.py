@@ -12,6 +12,7 @@ it (ChatML's newline) is not the model's to predict, generation stops before it.
 text gets the tokenizer's EOS after each assistant turn, so the model still learns to stop.
 """
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -56,7 +57,7 @@ def encode_chat(messages: list[dict], tokenizer: PreTrainedTokenizerBase, train_
     if GENERATION_BLOCK.search(tokenizer.get_chat_template()):
         ids, runs = generation_runs(messages, tokenizer)
     else:
-        ids, runs = rendered_runs(messages, assistant, tokenizer)
+        ids, runs = rendered_runs(messages, assistant[-1:] if train_on == "last_assistant" else assistant, tokenizer)
     if train_on == "last_assistant":
         runs = runs[-1:]
     return label_turns(ids, runs, specials, tokenizer.eos_token_id)
@@ -86,8 +87,8 @@ def rendered_runs(messages: list[dict], assistant: list[int], tokenizer: PreTrai
         through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
         if not (through.startswith(prompt) and whole.startswith(through)):
             raise TemplateRewritesTurns(
-                f"the chat template renders assistant turn {assistant.index(index) + 1} (message {index + 1}) "
-                "differently once later messages follow, so its trained tokens would not be the ones the model sees at "
+                f"the chat template renders message {index + 1} (an assistant turn) differently once later messages "
+                "follow, so its trained tokens would not be the ones the model sees at "
                 "inference: set data.train_on=last_assistant, or give a template that keeps earlier turns as they are "
                 "(model.chat_template=)")
         spans.append((len(prompt), len(through)))
@@ -101,12 +102,12 @@ def rendered_runs(messages: list[dict], assistant: list[int], tokenizer: PreTrai
             position = end
         return ids, runs
     encoding = tokenizer(whole, add_special_tokens=False, return_offsets_mapping=True)
-    offsets = encoding["offset_mapping"]
+    firsts, lasts = zip(*encoding["offset_mapping"]) if encoding["input_ids"] else ((), ())
     runs = []
     for start, end in spans:  # every token that overlaps the span, as transformers' assistant mask counts them
-        inside = [i for i, (first, last) in enumerate(offsets) if last > start and first < end]
-        if inside:
-            runs.append((inside[0], inside[-1] + 1))
+        first, last = bisect.bisect_right(lasts, start), bisect.bisect_left(firsts, end)
+        if first < last:
+            runs.append((first, last))
     return list(encoding["input_ids"]), runs
 
 
