@@ -1,7 +1,9 @@
 """hydra/launcher=slurm: hydra-submitit-launcher's SLURM launcher, whose jobs' states come from squeue where the
 cluster keeps no accounting (tunelab.slurm_status)."""
 
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 from hydra.core.utils import JobReturn
 
@@ -13,6 +15,13 @@ except ImportError:  # the optional extra tunelab[slurm]; Hydra imports every pl
 if SubmititSlurmLauncher is not None:
 
     class SlurmLauncher(SubmititSlurmLauncher):
+        def __init__(self, **params: Any) -> None:
+            super().__init__(**params)
+            tasks = self.params["tasks_per_node"]
+            if not (isinstance(tasks, int) and tasks >= 1):
+                sys.exit(f"tunelab: error: hydra/launcher=slurm starts one task per device: give trainer.devices as a "
+                         f"number of devices (or auto), not {tasks}")
+
         def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
             from tunelab.slurm_status import watch_with_squeue_fallback
 
