@@ -51,12 +51,17 @@ class BenchmarkEvaluation(pl.Callback):
             self.evaluate_base(trainer, pl_module)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not within_fit(trainer) or not self.every_n_validations or trainer.global_step == 0:
-            return  # at step 0 (validate_at_start) the weights are the base's, evaluated at the start of fitting
-        self.validations += 1
-        if self.validations % self.every_n_validations == 0:
-            for name, value in self.evaluate_trained(trainer, pl_module).items():
-                pl_module.log(name, value)  # into callback_metrics: the objective, checkpoint monitor, pruner read it
+        if not within_fit(trainer) or not self.every_n_validations:
+            return
+        if trainer.global_step == 0:  # validate_at_start: the weights are the base's, scored at the start of fitting
+            metrics = self.base_metrics if self.base_metrics is not None else self.evaluate_trained(trainer, pl_module)
+        else:
+            self.validations += 1
+            if self.validations % self.every_n_validations:
+                return
+            metrics = self.evaluate_trained(trainer, pl_module)
+        for name, value in metrics.items():
+            pl_module.log(name, value)  # into callback_metrics: the objective, checkpoint monitor, pruner read it
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.step != trainer.global_step:
