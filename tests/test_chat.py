@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST, compose_config, run_train
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import FAST, compose_config, mlflow_runs, run_train
 from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.data import IGNORE_INDEX, build_datamodule, encode_chat, end_of_turn_ids, tokenize_row
 
@@ -175,7 +177,7 @@ def test_chat_rows_with_a_tokenizer_without_template_stop_train_py_with_one_line
 
 
 def two_turn_answers(export_dir: Path, words: list[str]) -> tuple[float, float]:
-    """Shares of greedy answers right at the first turn (reverse the word) and the second (upper it), the second
+    """Shares of greedy answers right at the first turn (double the word) and the second (upper it), the second
     asked after the right first answer, both prompts written by the chat template the export holds."""
     from tunelab.export import load_export
     from tunelab.generation import greedy_answer
@@ -190,28 +192,30 @@ def two_turn_answers(export_dir: Path, words: list[str]) -> tuple[float, float]:
 
     first = second = 0
     for word in words:
-        asked = [{"role": "user", "content": f"reverse {word}"}]
-        first += answer(asked) == word[::-1]
-        second += answer([*asked, {"role": "assistant", "content": word[::-1]},
+        asked = [{"role": "user", "content": f"double {word}"}]
+        first += answer(asked) == word * 2
+        second += answer([*asked, {"role": "assistant", "content": word * 2},
                           {"role": "user", "content": "upper"}]) == word.upper()
     return first / len(words), second / len(words)
 
 
-HELD_OUT = ["plonk", "lamb", "jokem", "nplo", "ghfab", "cadobe", "mnop", "fifa", "bagel", "oldie"]
+HELD_OUT = ["plon", "joke", "ghfa", "cado", "mnop", "fifa", "bag", "old", "lamb", "nap"]
 
 
 @pytest.mark.parametrize("train_on", ["all_assistant", "last_assistant"])
 def test_the_embedded_two_turn_task_learns_both_answers_only_with_every_turn_trained(tmp_path, dataset_cache, train_on):
-    run_dir = tmp_path / "run"
+    run_dir, every_turn = tmp_path / "run", train_on == "all_assistant"
     run_train(["data=tiny_chat", f"data.train_on={train_on}", "data.num_examples=2000", "trainer.max_steps=250",
-               "trainer.val_check_interval=250", "eval=none", "callbacks.progress_bar=null", "logger=csv"],
-              run_dir, dataset_cache)
+               "trainer.val_check_interval=250", "eval=none", "callbacks.progress_bar=null",
+               f"logger={'mlflow' if every_turn else 'none'}"], run_dir, dataset_cache)
     first, second = two_turn_answers(run_dir / "export", HELD_OUT)
-    if train_on == "all_assistant":
-        assert first >= 0.8 and second >= 0.8, (first, second)
-        export_template = (run_dir / "export" / "chat_template.jinja").read_text()
-        assert export_template == build_char_tokenizer().chat_template  # generate.py writes prompts the same way
-        metrics = (next(run_dir.glob("csv/version_*")) / "metrics.csv").read_text().splitlines()
-        assert "data/rows_kept" in metrics[0] and "data/rows_cut" in metrics[0]
-    else:
+    if not every_turn:
         assert first <= 0.2 and second >= 0.8, (first, second)  # the first answer is never learned
+        return
+    assert first >= 0.8 and second >= 0.8, (first, second)
+    template = build_char_tokenizer().chat_template  # saved with the run, so generate.py writes prompts the same way
+    assert (run_dir / "export" / "chat_template.jinja").read_text() == template
+    (run,), _ = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert run.data.metrics["data/rows_kept"] == 2000 and run.data.metrics["data/rows_cut"] == 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert Path(client.download_artifacts(run.info.run_id, "chat_template.jinja", str(tmp_path))).read_text() == template
