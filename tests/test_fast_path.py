@@ -249,12 +249,18 @@ def test_training_steps_between_logging_steps_never_sync(tmp_path, dataset_cache
     assert logging_steps <= set(counter.by_step) <= logging_steps | {11}, counter.by_step
 
 
-def test_default_job_learns_with_packing(tmp_path, dataset_cache, tokenizer):
-    run = tmp_path / "run"
-    run_train([*FAST, "data.packing=true", "trainer.max_steps=120", "trainer.val_check_interval=40",
-               "data.num_examples=2000", "export=false"], run, dataset_cache)
+def test_packed_job_learns_as_well_as_a_padded_one(tmp_path, dataset_cache, tokenizer):
+    """train.py with packed rows against the control of padded ones, the same steps on about as many examples a step
+    (the tiny task's examples average 20 tokens: 640 packed tokens hold ~31, a padded batch 32): the best val/loss
+    within 5% of the control's (1% apart here). Packed attention that crossed examples ended 11% above it."""
+    args = [*FAST, "trainer.max_steps=60", "trainer.val_check_interval=30", "data.num_examples=2000", "export=false",
+            "callbacks.samples=null", "logger=none"]
+    run_train([*args, "data.packing=true", "data.pack_tokens=640"], tmp_path / "packed", dataset_cache)
+    run_train(args, tmp_path / "padded", dataset_cache)
+    packed, padded = (json.loads((tmp_path / run / "objective.json").read_text())["objective"] for run in ("packed", "padded"))
     untrained = math.log(len(tokenizer))  # a model that knows nothing spreads its guess over the vocabulary
-    assert json.loads((run / "objective.json").read_text())["objective"] < untrained / 2
+    assert padded < 0.7 * untrained  # the control learned
+    assert packed == pytest.approx(padded, rel=0.05)
 
 
 def test_fused_validation_under_a_bfloat16_default_dtype(tmp_path, tokenizer):
