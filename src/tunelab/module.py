@@ -122,8 +122,15 @@ class CausalLMModule(pl.LightningModule):
         # and fail. This hook runs before callback states are restored, and CPU scalars mix with any device.
         if "callbacks" in checkpoint:
             checkpoint["callbacks"] = apply_to_collection(checkpoint["callbacks"], torch.Tensor, torch.Tensor.cpu)
-        if "rng_states" in checkpoint:
-            restore_rng_states(checkpoint["rng_states"])
+        # Restored at the first step, not now: the fit loop is yet to open the training DataLoader, whose iterator
+        # draws its base seed from torch's global RNG, a draw the unbroken run made at the epoch's start. Restored
+        # here, every dropout mask after a mid-epoch resume differed from the unbroken run's.
+        self.rng_states_to_restore = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if getattr(self, "rng_states_to_restore", None) is not None:
+            restore_rng_states(self.rng_states_to_restore)
+            self.rng_states_to_restore = None
 
 
 def build_module(cfg: DictConfig, model: PreTrainedModel, optim: DictConfig, **offered) -> pl.LightningModule:
