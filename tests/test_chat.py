@@ -129,13 +129,13 @@ def test_the_data_module_counts_cut_dropped_and_unanswered_rows(tmp_path, datase
             + [{"messages": [{"role": "user", "content": "x" * 80}, turn[1]]}] * 2)
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    cfg = compose_config(["data=jsonl", f"data.path={path}", "data.val_size=2", "data.max_length=40"], tmp_path,
+    cfg = compose_config(["data=jsonl", f"data.path={path}", "data.val_size=2", "data.max_length=48"], tmp_path,
                          dataset_cache)
     datamodule = build_datamodule(cfg.data, tokenizer)
     datamodule.setup("fit")
     assert datamodule.row_fates == {"kept": 30, "cut": 5, "dropped": 2, "untrained": 3}
     assert len(datamodule.train) + len(datamodule.val) == 35
-    assert all(len(ids) <= 40 for ids in datamodule.train["input_ids"])
+    assert all(len(ids) <= 48 for ids in datamodule.train["input_ids"])
 
 
 REWRITING_TEMPLATE = (  # drops an earlier answer's reasoning once a later turn follows, as reasoning models' do

@@ -11,9 +11,10 @@ from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # An assistant turn ends with EOS, the template's own end-of-turn (as Mistral's does): where a model learns to stop.
+# The newline follows an expression, not a block tag, whose next newline transformers' Jinja (trim_blocks) drops.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
-    "\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token if m['role'] == 'assistant' else '' }}\n"
+    "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
 )
 
 
