@@ -117,11 +117,11 @@ def assert_one_line_about_sacct(text: str) -> None:
 def test_a_sweep_trial_preempted_by_scancel_usr1_is_requeued_counts_once_and_ends_as_its_unbroken_twin(
         slurm_cluster, mlflow_server, postgres_url, tmp_path, dataset_cache):
     # A search space of one point: both trials (a 2-job array) train the same params from the same seed, so trial 1 is
-    # the unbroken twin of trial 0, which gets SIGUSR1 mid-way, saves, requeues its job and continues. No LoRA dropout:
-    # its masks after a mid-epoch resume are not the unbroken run's (off SLURM too), which is not what this tests.
+    # the unbroken twin of trial 0, which gets SIGUSR1 mid-way, saves, requeues its job and continues (LoRA dropout
+    # on: its masks after the resume must be the unbroken run's too).
     experiment = "slurm-sweep"
     multirun = Multirun(slurm_cluster, tmp_path, dataset_cache, mlflow_server, *PREEMPTIBLE, "sweep=lora_search",
-                        "peft.r=choice(8)", "optim.lr=3e-3", "optim.warmup_ratio=0.1", "peft.lora_dropout=0.0",
+                        "peft.r=choice(8)", "optim.lr=3e-3", "optim.warmup_ratio=0.1",
                         f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.study_name=slurm",
                         "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra/sweeper/pruner=none",
                         f"experiment_name={experiment}")
