@@ -99,7 +99,10 @@ def mlflow_run(export: Path, tasks: list[str]) -> tuple[str, int]:
         except MlflowException:
             pass  # deleted, or another store: a run of its own below
     experiment = client.get_experiment_by_name("tunelab")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment("tunelab")
+    # A local store keeps artifacts where train.py's runs keep theirs (conf/logger/mlflow.yaml), not in ./mlruns.
+    local = tracking_uri().startswith(("sqlite:", "file:"))
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(
+        "tunelab", artifact_location=str(ROOT / "mlartifacts") if local else None)
     run = client.create_run(experiment_id, run_name=f"eval-{run_dir_of(export).name}",
                             tags={"tunelab.eval_source": str(export.resolve()), "tunelab.eval_tasks": ",".join(tasks)})
     client.set_terminated(run.info.run_id)
