@@ -62,6 +62,9 @@ EXPECTED = {
                                                         "precision": "bf16_true"},
                                             "experiment_name": "llama1b-alpaca-lora", "lr": 2e-4, "warmup_steps": 60,
                                             "max_steps": 2000, "val_check_interval": 200, "accumulate_grad_batches": 4},
+    ("experiment", "tiny_dpo"): {"choices": {"model": "sft_export", "data": "tiny_pairs", "module": "dpo"},
+                                 "experiment_name": "tiny-dpo", "lr": 3e-4, "max_steps": 120, "val_check_interval": 30,
+                                 "builds": (DPOModule, PreferenceDataModule)},
     # (on the CPU, on a GPU): what `auto` resolves to, per piece
     ("kernels", "auto"): ({"loss": "plain", "compile": "none", "fused_ops": "none"},
                           {"loss": "liger" if liger_available() else "chunked", "compile": "layers", "fused_ops": "native"}),
@@ -122,7 +125,7 @@ def companions(group: str, option: str, tmp_path) -> list[str]:
         return ["module=dpo"]
     if (group, option) == ("module", "dpo"):
         return ["data=tiny_pairs"]
-    if (group, option) == ("model", "sft_export"):  # a run's export: the embedded model, saved
+    if (group, option) in (("model", "sft_export"), ("experiment", "tiny_dpo")):  # a run's export: the embedded model
         export, tokenizer, default = tmp_path / "export", build_char_tokenizer(), compose_config([], tmp_path, tmp_path)
         build_model(default.model, default.precision, tokenizer).save_pretrained(export)
         tokenizer.save_pretrained(export)
@@ -207,6 +210,8 @@ def builds_data(cfg, expected, tokenizer):
 
 def builds_experiment(cfg, expected, tokenizer):
     assert {group: cfg.hydra.runtime.choices[group] for group in expected["choices"]} == expected["choices"]
+    if "builds" in expected:
+        return builds_recipe_over_an_export(cfg, expected, tokenizer)
     cfg.model.init = "random"
     with torch.device("meta"):
         model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer), cfg.peft)
@@ -221,6 +226,19 @@ def builds_experiment(cfg, expected, tokenizer):
     trainer = build_trainer(on_cpu(cfg), [], None)
     assert (trainer.max_steps, trainer.val_check_interval, trainer.accumulate_grad_batches, trainer.precision) == (
         expected["max_steps"], expected["val_check_interval"], expected["accumulate_grad_batches"], "bf16-true")
+    assert build_logger(cfg)._experiment_name == expected["experiment_name"]
+
+
+def builds_recipe_over_an_export(cfg, expected, tokenizer):
+    """A second-stage recipe (DPO after SFT): its module and data over the export it names, with its own values."""
+    module_kind, data_kind = expected["builds"]
+    validate_config(cfg)
+    model = build_model(cfg.model, cfg.precision, tokenizer)
+    module = build_module(cfg.module, model, cfg.optim)
+    assert type(module) is module_kind and type(build_datamodule(cfg.data, tokenizer)) is data_kind
+    assert {group["lr"] for group in build_optimizer(model, cfg.optim).param_groups} == {expected["lr"]}
+    trainer = build_trainer(on_cpu(cfg), [], None)
+    assert (trainer.max_steps, trainer.val_check_interval) == (expected["max_steps"], expected["val_check_interval"])
     assert build_logger(cfg)._experiment_name == expected["experiment_name"]
 
 
