@@ -64,15 +64,15 @@ def test_each_validation_logs_greedy_answers_to_the_same_prompts(default_run):
     _, client, run, table, _ = default_run
     assert table["columns"] == ["prompt", "expected", "generated", "step"]
     samples = rows(table)
-    assert [s["step"] for s in samples] == [30] * 4 + [60] * 4
-    first, last = samples[:4], samples[4:]
-    assert [s["prompt"] for s in first] == [s["prompt"] for s in last]
+    assert [s["step"] for s in samples] == [0] * 4 + [30] * 4 + [60] * 4  # the base's answers first (validate_at_start)
+    groups = [samples[:4], samples[4:8], samples[8:]]
+    assert [s["prompt"] for s in groups[0]] == [s["prompt"] for s in groups[1]] == [s["prompt"] for s in groups[2]]
     for sample in samples:  # the prompt as the model saw it (the alpaca template), and its answer
         instruction, word = sample["prompt"].removesuffix("=").split(" ")
         assert sample["expected"] == OPERATIONS[instruction](word)
     assert {"path": TABLE, "type": "table"} in json.loads(run.data.tags["mlflow.loggedArtifacts"])  # the UI's listing
     history = sorted(client.get_metric_history(run.info.run_id, METRIC), key=lambda m: m.step)
-    assert [m.value for m in history] == [sum(s["generated"] == s["expected"] for s in group) / 4 for group in (first, last)]
+    assert [m.value for m in history] == [sum(s["generated"] == s["expected"] for s in group) / 4 for group in groups]
 
 
 def test_summary_shows_the_last_validation_samples_and_the_export(default_run):
@@ -80,7 +80,7 @@ def test_summary_shows_the_last_validation_samples_and_the_export(default_run):
     summary = result.stdout[result.stdout.index("tunelab run summary"):].splitlines()
     assert any(line.startswith("generated (step 60)") for line in summary)
     shown = [[part.strip() for part in line.split(" → ")] for line in summary if " → " in line]
-    for sample in rows(table)[4:]:
+    for sample in rows(table)[-4:]:
         answer = " ".join(sample["generated"].split()) or "(nothing)"
         assert any(prompt == sample["prompt"] and said.startswith(answer) for prompt, said in shown), sample
     assert any(f'python generate.py {run_dir} "<prompt>"' in line for line in summary)
@@ -88,7 +88,7 @@ def test_summary_shows_the_last_validation_samples_and_the_export(default_run):
 
 def test_generate_answers_from_the_export_as_the_last_validation_did(default_run):
     *_, table, run_dir = default_run
-    sample = max(rows(table)[4:], key=lambda s: len(s["generated"]))
+    sample = max(rows(table)[-4:], key=lambda s: len(s["generated"]))
     assert sample["generated"], "the model says nothing yet: the comparison would prove little"
     instruction, word = sample["prompt"].removesuffix("=").split(" ")
     result = generate([str(run_dir), instruction, "--input", word])

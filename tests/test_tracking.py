@@ -23,7 +23,7 @@ def jsonl_inputs(tmp_path, cache, path):
     from tunelab.data import build_datamodule
     from tunelab.dataset_inputs import dataset_inputs
 
-    cfg = compose_config(["data=jsonl", f"data.path={path}", "data.max_length=48", "data.val_size=4"], tmp_path, cache)
+    cfg = compose_config(["data=jsonl", f"data.path={path}", "data.max_length=64", "data.val_size=4"], tmp_path, cache)
     datamodule = build_datamodule(cfg.data, build_char_tokenizer())
     datamodule.setup("fit")
     return datamodule, {i.tags[0].value: i.dataset for i in dataset_inputs(datamodule)}
