@@ -1,5 +1,6 @@
 """Shared helpers: compose the real config, and run the real `train.py` in a subprocess on the embedded default."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -16,6 +17,15 @@ CONF = ROOT / "conf"
 
 # Keep test runs short and quiet; each test adds what it is about.
 FAST = ["trainer.max_steps=20", "trainer.val_check_interval=10", "data.num_examples=400", "callbacks.progress_bar=null"]
+
+
+@pytest.fixture(scope="module")
+def replay():
+    """benchmarks/pruning_replay.py as a module (benchmarks/ is no package)."""
+    spec = importlib.util.spec_from_file_location("pruning_replay", ROOT / "benchmarks" / "pruning_replay.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 divergence guard, rungs after the longest warm-up, the LR-area clock), their config checks, and the offline replay that
 measures pruners on recorded curves."""
 
-import importlib.util
 import math
 import subprocess
 import sys
@@ -218,14 +217,6 @@ def test_lora_search_prunes_with_the_nearest_bound_and_names_a_bad_setting_in_on
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
         "tunelab: error: hydra.sweeper.pruner: n_min_trials=0 must be an integer >= 1"), result.stderr[-2000:]
-
-
-@pytest.fixture(scope="module")
-def replay():
-    spec = importlib.util.spec_from_file_location("pruning_replay", ROOT / "benchmarks" / "pruning_replay.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def synthetic_curves() -> dict:

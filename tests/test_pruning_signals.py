@@ -1,13 +1,12 @@
 """Signals a trial can report to the pruner instead of its loss (issue 21): a cooled-down fork and averaged weights.
 Both must leave the run exactly as it would have been, and the replay must charge a fork's steps."""
 
-import importlib.util
 
 import lightning.pytorch as pl
 import pytest
 import torch
 
-from tests.conftest import FAST, ROOT, compose_config
+from tests.conftest import FAST, compose_config
 from tunelab.sweep.signals import CooldownFork, WeightAverage
 
 
@@ -104,14 +103,6 @@ def test_bad_signal_settings_are_refused_with_the_key_and_the_range(make, messag
     with pytest.raises(ValueError) as error:
         make()
     assert str(error.value) == message
-
-
-@pytest.fixture(scope="module")
-def replay():
-    spec = importlib.util.spec_from_file_location("pruning_replay", ROOT / "benchmarks" / "pruning_replay.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_replay_reports_a_signal_before_the_last_validation_and_charges_each_fork(replay):
