@@ -54,16 +54,16 @@ def choice(values) -> str:
     return f"choice({','.join(map(str, values))})"
 
 
-def train_base(work: Path, steps: int, env: dict) -> Path:
+def train_base(work: Path, steps: int, env: dict, overrides=()) -> Path:
     base = work / "base"
     if not (base / "export" / "config.json").exists():
         run([sys.executable, "train.py", f"hydra.run.dir={base}", f"trainer.max_steps={steps}", "logger=none",
-             "callbacks.progress_bar=null"], env, work / "base.log")
+             "callbacks.progress_bar=null", "eval=none", *overrides], env, work / "base.log")
     return base / "export"
 
 
 def record(work: Path, base: Path, shard: tuple[int, int], max_steps: int, val_every: int, env: dict,
-           warmups=WARMUP_RATIOS, signals: int = 0, short: int | None = None) -> None:
+           warmups=WARMUP_RATIOS, signals: int = 0, short: int | None = None, overrides=()) -> None:
     """One study over the warm-ups; `signals`: fork steps of the cooled fork (0: no signals); `short`: a complete
     schedule of that many steps instead of max_steps, validated at its end only."""
     name = study_name(shard, short)
@@ -80,7 +80,7 @@ def record(work: Path, base: Path, shard: tuple[int, int], max_steps: int, val_e
          f"hydra.sweeper.storage={storage(work, shard, short)}", f"hydra.sweep.dir={work / f'multirun-{name}'}",
          f"model.name_or_path={base}", "model.init=pretrained", "model.tokenizer=null",
          f"trainer.max_steps={steps}", f"trainer.val_check_interval={steps if short else val_every}", "callbacks=none",
-         "export=false", *extra],
+         "export=false", "eval=none", *extra, *overrides],
         env, work / f"{name}.log")
 
 
@@ -159,6 +159,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--warmups", help="comma-separated warm-up ratios (default: all of WARMUP_RATIOS)")
     parser.add_argument("--signals", action="store_true", help="also record the cooled fork, the EMA, short runs")
     parser.add_argument("--fork-steps", type=int, default=5)
+    parser.add_argument("--override", action="append", default=[],
+                        help="a Hydra override for every run, e.g. kernels=none on a GPU (repeatable)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     args.work = args.work.resolve()
@@ -170,12 +172,12 @@ def main(argv: list[str]) -> None:
     jobs = [(shard, None) for shard in chosen] + [(shard, steps) for shard in chosen if fork_steps
                                                   for steps in short_steps(args.max_steps)]
     if not args.export_only:
-        base = train_base(args.work, args.base_steps, env)
+        base = train_base(args.work, args.base_steps, env, args.override)
         threads = str(args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
         env = {**env, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda job: record(args.work, base, job[0], args.max_steps, args.val_every, env, warmups,
-                                             fork_steps, job[1]), jobs))
+                                             fork_steps, job[1], args.override), jobs))
     count = export(args.work, chosen, args.max_steps, args.out, fork_steps)
     print(f"{count} curves of {args.max_steps} steps in {args.out}")
 
