@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The new stages on one GPU (issues 20, 22; issue 23 item 5), every figure from the same call on the same card,
+# llama1b architecture (random init, char tokenizer, bf16-true), the embedded task's rows and pairs:
+#   sft / sft_eval       40 steps of SFT; the same with eval=tiny on one task (tunelab_tiny, 100 documents, the base
+#                        evaluated beside it): what evaluation costs is the difference in wall time
+#   fsdp_eval            the same evaluation under strategy=fsdp (one device): the sharded path, every rank in lockstep
+#   sft_pairs            SFT on the rows the pairs are made of (data=tiny), 64 rows a step
+#   dpo_copy / dpo_precomputed          DPO, full fine-tune: a frozen copy as reference / log-probs computed once
+#   lora_sft / dpo_adapter / dpo_lora_precomputed   the same under LoRA (reference: the adapter switched off)
+# DPO takes 32 pairs a step (64 rows a forward, as sft_pairs). ONLY="sft sft_eval" runs a subset.
+# lm_eval comes from the eval extra's wheels where the image lacks it (BENCHMARKS.md says which).
+source "$(dirname "$0")/gpu_runs.sh"   # OUT, RUNS, PY, env.txt, want, run
+COMMON="model=llama1b model.init=random model.tokenizer=char precision=bf16_true trainer.devices=1 logger=csv
+  callbacks.progress_bar=null callbacks.early_stopping=null callbacks.model_checkpoint=null callbacks.samples=null
+  export=false validate_at_start=false trainer.log_every_n_steps=5 trainer.max_steps=40 trainer.val_check_interval=40"
+EVAL="eval=tiny eval.tasks=[tunelab_tiny] eval.limit=100"
+run sft data=tiny eval=none
+run sft_eval data=tiny $EVAL
+run fsdp_eval data=tiny strategy=fsdp $EVAL paths.cache_dir=/tmp/tunelab_cache_fsdp
+PAIRS="data=tiny_pairs data.num_examples=2000 data.batch_size=32 module=dpo eval=none"
+run sft_pairs data=tiny data.num_examples=2000 data.batch_size=64 eval=none
+run dpo_copy $PAIRS
+run dpo_precomputed $PAIRS module.reference=precomputed
+run lora_sft peft=lora data=tiny data.num_examples=2000 data.batch_size=64 eval=none
+run dpo_adapter peft=lora $PAIRS
+run dpo_lora_precomputed peft=lora $PAIRS module.reference=precomputed
+for r in sft_eval fsdp_eval; do
+  [ -f $RUNS/$r/csv/version_0/metrics.csv ] && $PY - "$RUNS/$r/csv/version_0/metrics.csv" <<'PY' | tee -a "$OUT/log.txt"
+import csv, sys
+rows = list(csv.DictReader(open(sys.argv[1])))
+print(sys.argv[1].split("/")[-4], {k: v for r in rows for k, v in r.items() if k.startswith("eval/") and v})
+PY
+done
