@@ -20,6 +20,7 @@ snapping: unpruned sweeps run live (benchmarks/sweep_efficiency.sh), replayed in
 
 Usage: python benchmarks/pruning_replay.py [curves.json] [--seeds 10] [--trials 20] [--live benchmarks/live_sweeps.json]
        [--samplers tpe,random,gp] [--signals loss,cooled,ema] [--pruners none,nearest_bound,...]
+       [--pruned-trials optuna,reported]
 """
 
 import argparse
@@ -34,6 +35,7 @@ CURVES = ROOT / "benchmarks" / "pruning_curves.json"
 LIVE = ROOT / "benchmarks" / "live_sweeps.json"
 SAMPLERS = ("tpe", "random", "gp")
 FEWER_TRIALS = (7, 10, 14)  # unpruned sweeps of only the first K proposals, the baseline every pruner must beat
+PRUNED_TRIALS = ("optuna", "reported")  # what the sampler learns from a pruned trial (tunelab.sweep.sampling)
 SIGNALS = ("loss", "cooled", "ema")  # what a trial reports: its validation loss, a cooled fork's, its EMA weights
 # name: (config in conf/hydra/sweeper/pruner, overrides); "first_validation_after_warmup" is filled in per curve set.
 PRUNERS = {
@@ -126,12 +128,13 @@ def reports(curve: dict, signal: str) -> list[tuple[int, float, float, int]]:
 
 
 def replay_sweep(recorded: dict, space: dict, sampler: str, pruner: str, seed: int, n_trials: int,
-                 signal: str = "loss") -> dict:
+                 signal: str = "loss", pruned_trials: str = "optuna") -> dict:
     """One sweep: {"best": best objective of the complete trials, "trial_steps": steps trained over all trials,
     "trials": [(trial-steps, objective or inf) per trial, in order]}."""
     import optuna
 
     from tunelab.sweep.pruning import clock_step
+    from tunelab.sweep.sampling import PrunedAsReported
 
     # Named: HyperbandPruner assigns brackets from a hash of the study name, and an unnamed study gets a random one.
     study = optuna.create_study(study_name=f"replay-{seed}", direction="minimize", pruner=build_pruner(pruner, recorded))
@@ -139,6 +142,8 @@ def replay_sweep(recorded: dict, space: dict, sampler: str, pruner: str, seed: i
     trials = []
     for number in range(n_trials):
         study.sampler = build_sampler(sampler, seed + number)
+        if pruned_trials == "reported":
+            study.sampler = PrunedAsReported(study.sampler)
         trial = study.ask(space)
         curve = nearest(recorded["curves"], trial.params, space)
         losses = [loss for _, _, loss in curve["points"]]
@@ -160,10 +165,11 @@ def replay_sweep(recorded: dict, space: dict, sampler: str, pruner: str, seed: i
 
 
 def replay(recorded: dict, samplers=SAMPLERS, pruners=tuple(PRUNERS), seeds=range(10), n_trials: int = 20,
-           signals=("loss",)) -> dict:
+           signals=("loss",), pruned_trials=("optuna",)) -> dict:
     """{(sampler, pruner): [{"share": trial-steps / unpruned's, "regret": best / unpruned best - 1} per seed]}, a pruner
-    fed another signal than the loss named "pruner@signal", and "first_K" for the unpruned sweep cut to its first K
-    trials."""
+    fed another signal than the loss named "pruner@signal", "pruner@signal+reported" where the sampler sees pruned
+    trials as complete with their last report (tunelab.sweep.sampling), and "first_K" for the unpruned sweep cut to
+    its first K trials."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -179,10 +185,11 @@ def replay(recorded: dict, samplers=SAMPLERS, pruners=tuple(PRUNERS), seeds=rang
                     "regret": min(v for _, v in first) / unpruned["best"] - 1,
                 })
             for pruner in pruners:
-                for signal in signals if pruner != "none" else ("loss",):
+                variants = [(signal, told) for signal in signals for told in pruned_trials]
+                for signal, told in variants if pruner != "none" else [("loss", "optuna")]:
                     run = unpruned if pruner == "none" else replay_sweep(recorded, space, sampler, pruner, seed,
-                                                                         n_trials, signal)
-                    name = pruner if signal == "loss" else f"{pruner}@{signal}"
+                                                                         n_trials, signal, told)
+                    name = (pruner if signal == "loss" else f"{pruner}@{signal}") + ("+reported" if told == "reported" else "")
                     results.setdefault((sampler, name), []).append({
                         "share": run["trial_steps"] / unpruned["trial_steps"],
                         "regret": run["best"] / unpruned["best"] - 1,
@@ -327,6 +334,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
     parser.add_argument("--pruners", default=",".join(PRUNERS))
     parser.add_argument("--signals", default="loss", help="comma-separated: loss, cooled, ema (where recorded)")
+    parser.add_argument("--pruned-trials", default="optuna",
+                        help="comma-separated: optuna (the sampler ranks pruned trials last), reported (as complete "
+                             "with their last report: tunelab.sweep.sampling)")
     parser.add_argument("--live", type=Path, default=LIVE, help="unpruned live sweeps to replay in order")
     args = parser.parse_args(argv)
     if not args.curves.exists():
@@ -342,7 +352,10 @@ def main(argv: list[str]) -> None:
                  "benchmarks/record_curves.py --signals")
     print(f"{len(recorded['curves'])} recorded curves of {recorded['max_steps']} steps; "
           f"{args.seeds} seeds x {args.trials} trials per sweep\n")
-    print(table(replay(recorded, samplers, pruners, range(args.seeds), args.trials, signals)))
+    told = args.pruned_trials.split(",")
+    if unknown := [t for t in told if t not in PRUNED_TRIALS]:
+        sys.exit(f"tunelab: error: unknown --pruned-trials {unknown[0]}: pick from {', '.join(PRUNED_TRIALS)}")
+    print(table(replay(recorded, samplers, pruners, range(args.seeds), args.trials, signals, told)))
     print("\n" + tau_table(recorded, signals))
     if short := short_runs_table(recorded):
         print("\n" + short)

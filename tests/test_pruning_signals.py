@@ -130,3 +130,45 @@ def test_fewer_trials_are_replayed_as_the_first_trials_of_the_unpruned_sweep(rep
         high = [lr > (1e-4 * 3e-2) ** 0.5 for lr in lrs]
         regret = 0.0 if any(high[:7]) or not any(high) else 0.6 / 0.4 - 1
         assert run == {"share": pytest.approx(0.7), "regret": pytest.approx(regret)}
+
+
+def proposals(pruned_trials: str, seed: int = 0) -> list[float]:
+    """x proposed by TPE after good complete trials at low x and pruned trials at high x that reported better values
+    still, the way a high-LR trial cooled at a rung reports a loss no complete low-LR trial reaches."""
+    import optuna
+
+    from tunelab.sweep.sampling import PrunedAsReported
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    study = optuna.create_study()
+    for x in (i / 50 for i in range(1, 21)):  # 0.02 ... 0.4
+        study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=space, value=1.0 + x))
+    for x in (0.8, 0.84, 0.88):
+        study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions=space, state=optuna.trial.TrialState.PRUNED,
+                                                  intermediate_values={25: 0.5}))
+    found = []
+    for number in range(10):
+        sampler = optuna.samplers.TPESampler(seed=seed + number, n_startup_trials=5)
+        study.sampler = PrunedAsReported(sampler) if pruned_trials == "reported" else sampler
+        trial = study.ask(space)
+        found.append(trial.params["x"])
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)  # keeps the history as it was for the next proposal
+    return found
+
+
+def test_the_sampler_learns_a_pruned_trials_last_report_and_the_study_keeps_it_pruned():
+    import optuna
+
+    from tunelab.sweep.sampling import StudyView
+
+    reported, ranked_last = proposals("reported"), proposals("optuna")
+    assert sum(x > 0.6 for x in reported) >= 7, reported  # drawn towards the pruned trials that reported best
+    assert sum(x > 0.6 for x in ranked_last) <= 3, ranked_last  # Optuna ranks them below every complete trial
+    study = optuna.create_study()
+    space = {"x": optuna.distributions.FloatDistribution(0.0, 1.0)}
+    study.add_trial(optuna.trial.create_trial(params={"x": 0.9}, distributions=space, state=optuna.trial.TrialState.PRUNED,
+                                              intermediate_values={25: 0.7, 50: 0.5}))
+    seen = StudyView(study).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert [(t.state, t.value) for t in seen] == [(optuna.trial.TrialState.COMPLETE, 0.5)]  # its last report
+    assert study.trials[0].state == optuna.trial.TrialState.PRUNED and study.trials[0].value is None

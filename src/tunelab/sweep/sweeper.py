@@ -29,7 +29,8 @@ SURPLUS_ATTR = "surplus"
 class StudySweeper(Sweeper):
     def __init__(self, sampler: DictConfig, pruner: DictConfig, storage: str, study_name: str, n_trials: int,
                  n_jobs: int = 1, max_failure_rate: float = 0.5, heartbeat_interval: int = 30,
-                 grace_period: int = 120, params: DictConfig | None = None, signal: str | None = None):
+                 grace_period: int = 120, params: DictConfig | None = None, signal: str | None = None,
+                 pruned_trials: str = "optuna"):
         self.sampler = sampler
         self.pruner = pruner
         self.storage = str(storage)
@@ -41,6 +42,7 @@ class StudySweeper(Sweeper):
         self.grace_period = grace_period
         self.params = params or {}
         self.signal = signal  # read by each trial (tunelab.sweep.trial)
+        self.pruned_trials = pruned_trials  # what the sampler learns from a pruned trial (tunelab.sweep.sampling)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -52,7 +54,12 @@ class StudySweeper(Sweeper):
         return self.config.objective.mode
 
     def sweep(self, arguments: list[str]) -> None:
+        from tunelab.sweep.sampling import PRUNED_TRIALS
+
         try:
+            if self.pruned_trials not in PRUNED_TRIALS:
+                raise SweepConfigError(f"hydra.sweeper.pruned_trials={self.pruned_trials}: pick one of "
+                                       f"{', '.join(PRUNED_TRIALS)}")
             StudyLoop(self, arguments).run()
         except SweepConfigError as error:
             sys.exit(f"tunelab: error: {error}")
@@ -183,12 +190,16 @@ class StudyLoop:
         return trial
 
     def sampler_for(self, number: int):
+        from tunelab.sweep.sampling import PrunedAsReported
+
         seed = self.sweeper.sampler.get("seed")
         if seed is not None and self.space.grid is None:
             seed += number  # not for a grid: its seed fixes the order of grid points, which every trial must share
         sampler = instantiate(self.sweeper.sampler, seed=seed,
                               _execution_whitelist_=["optuna.samplers.*", "hydra_plugins.hydra_optuna_sweeper.*"])
-        return sampler(self.space.grid) if self.space.grid is not None else sampler
+        if self.space.grid is not None:
+            return sampler(self.space.grid)
+        return PrunedAsReported(sampler) if self.sweeper.pruned_trials == "reported" else sampler
 
     def launch(self, trials: list) -> None:
         launcher = self.sweeper.launcher
