@@ -15,6 +15,11 @@ from omegaconf import DictConfig, open_dict
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
+# The default eval=auto would evaluate every run on the embedded task (lm-eval's import and two tasks, ~5 s CPU each):
+# off for every train.py the tests start and every config they compose; a test of the evaluation asks for it.
+os.environ["TUNELAB_EVAL_AUTO"] = "off"
+EVAL_AUTO_ON = {"TUNELAB_EVAL_AUTO": "embedded"}
+
 # Keep test runs short and quiet; each test adds what it is about.
 FAST = ["trainer.max_steps=20", "trainer.val_check_interval=10", "data.num_examples=400", "callbacks.progress_bar=null"]
 

@@ -53,7 +53,8 @@ EXPECTED = {
                                                     "train_on": "all_assistant", "truncation": "cut_turns"}),
     ("data", "tiny_pairs"): (PreferenceDataModule, {"source": "tiny_pairs", "num_examples": 2000, "format": "alpaca",
                                                     "max_length": 48, "batch_size": 16}),
-    # (tasks, limit, batch size, base too)
+    # (tasks, limit, batch size, base too); auto: on the default data=tiny, with lm_eval here (tests/test_eval.py: off)
+    ("eval", "auto"): (["tunelab_tiny", "tunelab_tiny_choice"], 100, 32, True),
     ("eval", "hub"): (["arc_easy"], 500, 16, True),
     ("eval", "none"): None,
     ("eval", "tiny"): (["tunelab_tiny", "tunelab_tiny_choice"], 100, 32, True),
@@ -161,6 +162,8 @@ def test_every_group_has_options_and_every_option_a_case():
 def test_option_composes_validates_and_builds(group, option, tmp_path, dataset_cache, monkeypatch):
     assert (group, option) in EXPECTED, f"conf/{group}/{option}.yaml has no case in EXPECTED: say what it builds"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    if group == "eval":
+        monkeypatch.setenv("TUNELAB_EVAL_AUTO", "embedded")  # eval=auto as a run outside the tests gets it
     overrides = [f"{group}={option}", *companions(group, option, tmp_path)]
     cfg = compose_config(overrides, tmp_path, dataset_cache)
     if (line := refusal(group, option)) is not None:

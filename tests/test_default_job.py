@@ -6,14 +6,15 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import run_train
+from tests.conftest import EVAL_AUTO_ON, run_train
 
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory, dataset_cache):
     base = tmp_path_factory.mktemp("default")
     uri = f"sqlite:///{base / 'mlflow.db'}"
-    result = run_train([], base / "run", dataset_cache, tracking_uri=uri)  # stdout is a pipe: plain progress lines
+    # stdout is a pipe: plain progress lines. The default eval=auto on, as outside the tests (no network asked for).
+    result = run_train([], base / "run", dataset_cache, tracking_uri=uri, extra_env=EVAL_AUTO_ON)
     client = mlflow.MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("tunelab").experiment_id])
     assert len(runs) == 1
@@ -68,3 +69,16 @@ def test_progress_outside_a_terminal_is_plain_lines(default_run):
     validations = [line for line in result.stdout.splitlines() if line.startswith("validation at step 600: ")]
     assert len(validations) == 1 and "val/loss " in validations[0]
     assert "\x1b[" not in result.stdout  # no cursor moves or colours
+
+
+def test_default_job_scores_the_embedded_task_beside_its_base(default_run):
+    """eval=auto, the default: lm-eval's scores of the trained model and its base in the run, and in the summary."""
+    result, _, run, run_dir = default_run
+    metrics = run.data.metrics
+    for name, gain in [("eval/tunelab_tiny/exact_match", 0.1), ("eval/tunelab_tiny_choice/acc", 0.3)]:
+        assert {f"{name}_stderr", f"{name}/base"} <= set(metrics), sorted(metrics)
+        assert metrics[f"{name}/delta"] == pytest.approx(metrics[name] - metrics[f"{name}/base"])
+        assert metrics[f"{name}/delta"] > gain, metrics  # measured: +0.47 and +0.68 (BENCHMARKS.md)
+    assert (run_dir / "lm_eval_results.json").is_file()
+    summary = result.stdout[result.stdout.index("tunelab run summary"):]
+    assert "eval (step 600)" in summary and "\n  tunelab_tiny_choice/acc " in summary

@@ -3,6 +3,7 @@ base model, as a sweep's objective, after the fact (eval.py), under DDP, and its
 tunelab's shipped tasks, offline."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -187,6 +188,51 @@ def test_hub_task_without_network_ends_in_one_line(tmp_path, dataset_cache):
     assert result.returncode != 0 and len(lines) == 1, result.stderr[-3000:]
     assert "eval.tasks=arc_easy: the task data cannot be loaded" in lines[0] and "hub tasks need the network" in lines[0]
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_auto_evaluates_the_embedded_task_only_and_says_so_elsewhere(tmp_path, dataset_cache, monkeypatch, caplog):
+    """The default eval=auto: eval=tiny's evaluation on data=tiny (tests/test_default_job.py: the run), off with one
+    info line on other data or without lm_eval; the run then builds no evaluation. Explicit options never turn off."""
+    from tunelab.evaluation.callback import build_evaluation
+
+    monkeypatch.setenv("TUNELAB_EVAL_AUTO", "embedded")
+    caplog.set_level(logging.INFO, logger="tunelab.config")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "echo", "input": "a", "output": "a"}\n')
+    jsonl = ["data=jsonl", f"data.path={rows}"]
+
+    def resolved(args: list[str]) -> tuple:
+        caplog.clear()
+        cfg = compose_config(args, tmp_path, dataset_cache)
+        validate_config(cfg)
+        return cfg, [r.getMessage() for r in caplog.records if r.getMessage().startswith("benchmark evaluation")]
+
+    cfg, said = resolved([])
+    assert cfg.eval == compose_config(["eval=tiny"], tmp_path, dataset_cache).eval and said == []
+    cfg, said = resolved(jsonl)
+    assert said == ["benchmark evaluation off: eval=auto evaluates the embedded task (data=tiny) only, not "
+                    "data.source=jsonl; eval=hub eval.tasks=[arc_easy] for lm-eval's own tasks"]
+    assert not cfg.eval and build_evaluation(cfg, tokenizer=None) == []
+    assert resolved(["data=tiny_chat"])[1][0].endswith("not data.source=tiny_chat; eval=hub eval.tasks=[arc_easy] "
+                                                       "for lm-eval's own tasks")
+    with pytest.raises(ConfigError, match=r"^objective.metric=eval/tunelab_tiny/acc is a benchmark score, and benchmark "
+                                          r"evaluation is off \(eval=auto evaluates the embedded task only, not "
+                                          r"data.source=jsonl\): pick"):
+        resolved([*jsonl, "objective.metric=eval/tunelab_tiny/acc"])
+    monkeypatch.setenv("TUNELAB_EVAL_AUTO", "off")  # asked for: off without a word
+    cfg, said = resolved([])
+    assert not cfg.eval and said == []
+    with pytest.raises(ConfigError, match=r"^eval.auto=maybe is not one of: embedded, off \(TUNELAB_EVAL_AUTO sets it\)$"):
+        resolved(["eval.auto=maybe"])
+
+    monkeypatch.setenv("TUNELAB_EVAL_AUTO", "embedded")
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as where it is not installed: find_spec answers None
+    cfg, said = resolved([])
+    assert not cfg.eval and said == ["benchmark evaluation off: lm_eval is not installed (pip install "
+                                     "'tunelab[eval]' to evaluate the embedded task)"]
+    for option in ("tiny", "hub"):
+        with pytest.raises(ConfigError, match=r"^eval needs the lm_eval package: pip install 'tunelab\[eval\]'"):
+            resolved([f"eval={option}"])
 
 
 def test_shipped_rows_are_held_out_from_the_default_job(tmp_path):

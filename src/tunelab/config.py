@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from tunelab.precision import precision_warnings
@@ -598,14 +598,49 @@ EVAL_FIELDS = {"limit": Rule(int, ">= 1", null=True), "batch_size": Rule(int, ">
                "base": Rule(bool)}
 
 
+EVAL_AUTO = OneOf("embedded", "off")
+
+
+def resolve_auto_evaluation(cfg: DictConfig) -> tuple[str | None, str | None]:
+    """eval=auto (the default) becomes eval=tiny's options where the run trains on the embedded task and lm_eval is
+    installed, else none (eval=none's {}), so the checks after this one and the run see a plain option. Returns why
+    auto left evaluation off, and the line that tells the run so (none where eval.auto=off asked for it)."""
+    options = cfg.get("eval")
+    if not options or "auto" not in options:
+        return None, None
+    when = options.auto
+    if (problem := EVAL_AUTO.problem(when)) is not None:
+        raise ConfigError(f"eval.auto={show(when)} {problem} (TUNELAB_EVAL_AUTO sets it)")
+    why = line = None
+    if when == "off":
+        why = "TUNELAB_EVAL_AUTO=off" if os.environ.get("TUNELAB_EVAL_AUTO") == "off" else "eval.auto=off"
+    elif (source := cfg.data.get("source")) != "tiny":
+        why = f"eval=auto evaluates the embedded task only, not data.source={source}"
+        line = (f"benchmark evaluation off: eval=auto evaluates the embedded task (data=tiny) only, not data.source="
+                f"{source}; eval=hub eval.tasks=[arc_easy] for lm-eval's own tasks")
+    elif importlib.util.find_spec("lm_eval") is None:
+        why = "eval=auto: lm_eval is not installed"
+        line = "benchmark evaluation off: lm_eval is not installed (pip install 'tunelab[eval]' to evaluate the embedded task)"
+    with open_dict(cfg):
+        if why is None:
+            del cfg.eval["auto"]
+        else:
+            cfg.eval = {}
+    return why, line
+
+
 def check_evaluation(cfg: DictConfig) -> None:
     """The `eval` option (tunelab.evaluation), and an eval/<task>/<metric> objective against it. Whether a task exists
     and its data can be had is asked of the harness itself, before training (tunelab.evaluation.harness.check_tasks)."""
+    off, line = resolve_auto_evaluation(cfg)
     options, metric = cfg.get("eval"), cfg.objective.metric
     if not options:
         if metric.startswith(EVAL_PREFIX):
-            raise ConfigError(f"objective.metric={metric} is a benchmark score, and benchmark evaluation is off (eval=none): "
-                              "pick an eval option whose eval.tasks lists its task (e.g. eval=tiny), or another objective.metric")
+            raise ConfigError(f"objective.metric={metric} is a benchmark score, and benchmark evaluation is off "
+                              f"({off or 'eval=none'}): pick an eval option whose eval.tasks lists its task "
+                              "(e.g. eval=tiny), or another objective.metric")
+        if line:
+            log.info(line)
         return
     tasks = options.get("tasks")
     if not isinstance(tasks, ListConfig) or not tasks or not all(isinstance(task, str) and task for task in tasks):
