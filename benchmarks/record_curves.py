@@ -104,7 +104,9 @@ def run(command: list[str], env: dict, log: Path) -> None:
 
 def export(work: Path, chosen: list[tuple[int, int]], max_steps: int, out: Path, fork_steps: int = 0) -> int:
     """Writes the complete trials' curves, each validation with its LR area under the trial's own schedule, and where
-    recorded the signals and the short complete-schedule runs' final losses."""
+    recorded the signals and the short complete-schedule runs' final losses. (*) A signal is logged at the step
+    Lightning logs its validation's val/loss at, one behind the optimizer step the trial reports it at (signals
+    recorded before 2026-12-05 were logged at that step itself)."""
     import optuna
     from omegaconf import OmegaConf
 
@@ -127,7 +129,10 @@ def export(work: Path, chosen: list[tuple[int, int]], max_steps: int, out: Path,
                       for step, loss in sorted(trial.intermediate_values.items())]
             curve = {"params": trial.params, "points": points}
             if fork_steps:
-                curve.update(fork_steps=fork_steps, **logged_signals(work, shard, trial.number))
+                steps = {step for step, _, _ in points}
+                signals = {name: [[step if step in steps else step + 1, value] for step, value in values]  # (*)
+                           for name, values in logged_signals(work, shard, trial.number).items()}
+                curve.update(fork_steps=fork_steps, **signals)
                 curve["short"] = {str(steps): values[trial.params["optim.warmup_ratio"]]
                                   for steps, values in shorts.items() if trial.params["optim.warmup_ratio"] in values}
             curves.append(curve)

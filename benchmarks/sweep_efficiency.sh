@@ -3,7 +3,7 @@
 # A LoRA sweep needs a base that already knows something, so step 1 fine-tunes the tiny model (the user's own flow:
 # fine-tune, export, then search adapters on top); step 2 runs `sweep=lora_search` on that export once per pruner.
 # Usage: bash benchmarks/sweep_efficiency.sh [workdir] [pruner ...]   (default pruners: none nearest_bound)
-# SEED=N seeds the sampler. LOGGER=mlflow logs every trial to $workdir/mlflow.db, each sweep nested under its parent
+# SEED=N seeds the sampler; EXTRA="key=value ..." adds overrides to every sweep (e.g. the signal and its callback). LOGGER=mlflow logs every trial to $workdir/mlflow.db, each sweep nested under its parent
 # run, side by side in the UI (`mlflow ui --backend-store-uri sqlite:///$workdir/mlflow.db`); the default, none,
 # measures the sweeps alone.
 set -euo pipefail
@@ -23,7 +23,7 @@ for pruner in $PRUNERS; do
   /usr/bin/time -f "%e" -o "$WORK/$pruner.seconds" $PY train.py -m sweep=lora_search hydra.sweeper.n_trials=20 \
     hydra.sweeper.study_name=bench-$pruner hydra.sweeper.storage=sqlite:///$WORK/optuna.db hydra/sweeper/pruner=$pruner \
     hydra.sweep.dir=$WORK/multirun-$pruner model.name_or_path=$WORK/base/export model.init=pretrained \
-    hydra.sweeper.sampler.seed=$SEED model.tokenizer=null trainer.max_steps=150 trainer.val_check_interval=25 callbacks=none export=false logger=$LOGGER \
+    hydra.sweeper.sampler.seed=$SEED model.tokenizer=null trainer.max_steps=150 trainer.val_check_interval=25 callbacks=none export=false eval=none logger=$LOGGER ${EXTRA:-} \
     > "$WORK/$pruner.log" 2>&1
 done
 $PY benchmarks/sweep_table.py "$WORK" $PRUNERS

@@ -73,10 +73,13 @@ def validation_loss(trainer: pl.Trainer, pl_module: pl.LightningModule) -> float
 
 
 def log_signal(trainer: pl.Trainer, metric: str, value: float) -> None:
+    """Into callback_metrics (where the trial reads it) and the loggers, at the step Lightning logged this validation's
+    val/loss at (its count of batches that stepped, one behind global_step until the validation ends), so that the
+    two curves share their steps."""
     trainer.callback_metrics[metric] = torch.tensor(value)
     if trainer.is_global_zero:
         for logger in trainer.loggers:
-            logger.log_metrics({metric: value}, step=trainer.global_step)
+            logger.log_metrics({metric: value}, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
 
 
 class TrainingState:
@@ -233,3 +236,6 @@ class WeightAverage(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.average, self.last_step = state_dict["average"], state_dict["last_step"]
+
+
+PRODUCERS = {"val/loss_cooled": CooldownFork, "val/loss_ema": WeightAverage}  # hydra.sweeper.signal: its callback

@@ -30,7 +30,7 @@ class StudySweeper(Sweeper):
     def __init__(self, sampler: DictConfig, pruner: DictConfig, storage: str, study_name: str, n_trials: int,
                  n_jobs: int = 1, max_failure_rate: float = 0.5, heartbeat_interval: int = 30,
                  grace_period: int = 120, params: DictConfig | None = None, signal: str | None = None,
-                 pruned_trials: str = "optuna"):
+                 fork_steps: int = 5, pruned_trials: str = "optuna"):
         self.sampler = sampler
         self.pruner = pruner
         self.storage = str(storage)
@@ -42,6 +42,7 @@ class StudySweeper(Sweeper):
         self.grace_period = grace_period
         self.params = params or {}
         self.signal = signal  # read by each trial (tunelab.sweep.trial)
+        self.fork_steps = fork_steps  # val/loss_cooled: the steps of each trial's fork (tunelab.sweep.trial)
         self.pruned_trials = pruned_trials  # what the sampler learns from a pruned trial (tunelab.sweep.sampling)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
@@ -60,6 +61,8 @@ class StudySweeper(Sweeper):
             if self.pruned_trials not in PRUNED_TRIALS:
                 raise SweepConfigError(f"hydra.sweeper.pruned_trials={self.pruned_trials}: pick one of "
                                        f"{', '.join(PRUNED_TRIALS)}")
+            if not isinstance(self.fork_steps, int) or isinstance(self.fork_steps, bool) or self.fork_steps < 1:
+                raise SweepConfigError(f"hydra.sweeper.fork_steps={self.fork_steps} must be an integer >= 1")
             StudyLoop(self, arguments).run()
         except SweepConfigError as error:
             sys.exit(f"tunelab: error: {error}")

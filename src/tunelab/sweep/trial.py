@@ -98,7 +98,25 @@ def study_trial_callbacks(cfg: DictConfig, logger=None) -> list[pl.Callback]:
     trial.set_user_attr(RUN_DIR_ATTR, str(cfg.paths.output_dir))  # where a re-run of this trial finds its checkpoint
     attach_run(trial, logger, OmegaConf.select(cfg, "logger.run_name"))
     lr_area_of = cfg.optim if hydra.sweeper.pruner.get("clock") == "lr_area" else None
-    return [StudyTrialCallback(trial, cfg.objective.metric, lr_area_of, hydra.sweeper.get("signal"))]
+    signal = hydra.sweeper.get("signal")
+    return [*signal_callbacks(hydra.sweeper, cfg.callbacks),
+            StudyTrialCallback(trial, cfg.objective.metric, lr_area_of, signal)]
+
+
+def signal_callbacks(sweeper: DictConfig, callbacks: DictConfig | None) -> list[pl.Callback]:
+    """What produces the sweep's signal, where the trial's own callbacks have nothing that does: a CooldownFork of
+    `fork_steps` for val/loss_cooled, a WeightAverage for val/loss_ema. None where nothing is pruned (a fork's steps
+    would buy nothing) or the signal is another metric."""
+    from tunelab.sweep.signals import PRODUCERS
+
+    signal = sweeper.get("signal")
+    if signal not in PRODUCERS or str(sweeper.pruner.get("_target_", "")).endswith("NopPruner"):
+        return []
+    producer = PRODUCERS[signal]
+    targets = [str(c.get("_target_", "")) for c in (callbacks or {}).values() if isinstance(c, DictConfig)]
+    if any(target.endswith(producer.__name__) for target in targets):
+        return []
+    return [producer(steps=sweeper.get("fork_steps", 5))] if signal == "val/loss_cooled" else [producer()]
 
 
 def open_trial(sweeper: DictConfig, number: int, max_steps: int) -> optuna.Trial:
