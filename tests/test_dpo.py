@@ -52,7 +52,8 @@ def move_policy_away(model) -> None:
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
 
 
-def trl_oracle(policy, reference, batch: dict, beta: float, loss_type: str, label_smoothing: float):
+def trl_oracle(policy, reference, batch: dict, beta: float, loss_type: str, label_smoothing: float,
+               sft_weight: float = 0.0):
     """trl's own DPO loss and metrics (DPOTrainer._compute_loss, trl >= 1.0) on the same batch: a DPOTrainer given only
     the attributes that method reads, trl's fused LM head on a copy of each model, and the reference as trl gets it
     (the adapter switched off where `reference` is None)."""
@@ -72,6 +73,8 @@ def trl_oracle(policy, reference, batch: dict, beta: float, loss_type: str, labe
     trainer.args = SimpleNamespace(gradient_checkpointing_kwargs=None)
     trainer.precompute_ref_logps, trainer.ld_alpha, trainer.aux_loss_enabled, trainer.use_weighting = False, None, False, False
     trainer.f_divergence_type, trainer.loss_types, trainer.loss_weights = "reverse_kl", [loss_type], [1.0]
+    if sft_weight:  # trl's RPO recipe: its `sft` loss term beside the preference loss
+        trainer.loss_types, trainer.loss_weights = [loss_type, "sft"], [1.0, sft_weight]
     trainer.beta, trainer.label_smoothing = beta, label_smoothing
     trainer._metrics, trainer._total_train_tokens, trainer._tp_size = defaultdict(lambda: defaultdict(list)), 0, 1
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
@@ -84,10 +87,13 @@ def trl_oracle(policy, reference, batch: dict, beta: float, loss_type: str, labe
         ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected")]}
 
 
-@pytest.mark.parametrize("loss_type,label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("robust", 0.2)])
+@pytest.mark.parametrize("loss_type,label_smoothing,sft_weight", [
+    ("sigmoid", 0.0, 0.0), ("ipo", 0.0, 0.0), ("robust", 0.2, 0.0), ("sigmoid", 0.0, 0.7),
+], ids=["sigmoid", "ipo", "robust", "sigmoid_sft"])
 @pytest.mark.parametrize("peft", ["lora", "none"], ids=["lora_adapter_off", "full_frozen_copy"])
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "chunked"])
-def test_loss_and_rewards_equal_trls_dpo_on_the_same_batch(tmp_path, dataset_cache, peft, loss_type, label_smoothing, fused):
+def test_loss_and_rewards_equal_trls_dpo_on_the_same_batch(tmp_path, dataset_cache, peft, loss_type, label_smoothing,
+                                                           sft_weight, fused):
     from tunelab.dpo import DPOModule
     from tunelab.kernels import FusedLinearLoss
     from tunelab.module import model_loss
@@ -96,13 +102,14 @@ def test_loss_and_rewards_equal_trls_dpo_on_the_same_batch(tmp_path, dataset_cac
     batch = pair_batch(tokenizer)
     beta = 0.3
     loss = FusedLinearLoss(model, chunk_size=7, use_liger=False) if fused else model_loss
-    module = DPOModule(model, cfg.optim, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, loss=loss)
+    module = DPOModule(model, cfg.optim, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                       sft_weight=sft_weight, loss=loss)
     assert module.reference == ("adapter" if peft == "lora" else "copy")
     reference = None if peft == "lora" else copy.deepcopy(model)  # trl's ref_model: the model before training
     move_policy_away(model)
 
     ours, metrics = module.pair_loss(batch, "train")
-    theirs, their_metrics = trl_oracle(model, reference, batch, beta, loss_type, label_smoothing)
+    theirs, their_metrics = trl_oracle(model, reference, batch, beta, loss_type, label_smoothing, sft_weight)
     assert ours.item() == pytest.approx(theirs, rel=0, abs=1e-5)
     assert abs(their_metrics["rewards/margin"]) > 1e-3  # the policy really moved off its reference
     for name, value in their_metrics.items():

@@ -9,6 +9,9 @@ beta * (log pi(y|x) - log pi_ref(y|x)); the loss pushes the chosen reward above 
 - `robust`: sigmoid DPO unbiased for preference labels flipped with probability `label_smoothing` (Chowdhury et al.
   2024).
 
+`sft_weight` > 0 adds that times the chosen answers' negative log-likelihood per token (trl's `sft` loss term; RPO,
+Pang et al. 2024): plain DPO may lower the chosen answers' likelihood along with the rejected ones'.
+
 The reference is the model as the run found it (an SFT export: model.name_or_path=<run>/export), kept without a
 second copy where that can be: the same model with its LoRA adapter switched off (peft's `disable_adapter()`); a frozen
 copy for a full fine-tune; or (`reference=precomputed`) each pair's log-probabilities computed once before the first
@@ -166,10 +169,11 @@ class DPOModule(CausalLMModule):
     are computed the fused way too, with its chunk size."""
 
     def __init__(self, model: PreTrainedModel, optim: DictConfig, beta: float = 0.1, loss_type: str = "sigmoid",
-                 label_smoothing: float = 0.0, reference: str = "auto", adapter_only_checkpoints: bool = False,
-                 loss=model_loss):
+                 label_smoothing: float = 0.0, reference: str = "auto", sft_weight: float = 0.0,
+                 adapter_only_checkpoints: bool = False, loss=model_loss):
         super().__init__(model, optim, adapter_only_checkpoints, loss)
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        self.sft_weight = sft_weight
         self.chunk_size = getattr(loss, "chunk_size", None)
         self.reference = reference_kind(reference, model)
         if self.reference == "adapter" and not hasattr(model, "disable_adapter"):
@@ -190,7 +194,14 @@ class DPOModule(CausalLMModule):
         losses, chosen_rewards, rejected_rewards = dpo_loss(chosen, rejected, reference_chosen, reference_rejected,
                                                             self.beta, self.loss_type, self.label_smoothing,
                                                             chosen_tokens, rejected_tokens)
-        return losses.mean(), reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+        metrics = reward_metrics(chosen_rewards, rejected_rewards, chosen, rejected)
+        loss = losses.mean()
+        if self.sft_weight:
+            # trl's `sft` loss term: the chosen answers' negative log-likelihood per token, over the whole batch
+            nll = -chosen.sum() / chosen_tokens.sum().clamp(min=1)
+            metrics["nll/chosen"] = nll.detach()
+            loss = loss + self.sft_weight * nll
+        return loss, metrics
 
     @torch.no_grad()
     def reference_logps(self, batch: dict, split: str) -> torch.Tensor:
