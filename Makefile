@@ -60,11 +60,21 @@ bench-sweep: install
 # curves, beside unpruned sweeps of the first 7, 10 and 14 trials (the baseline a pruner must beat at equal
 # trial-steps). The curves are recorded first where benchmarks/pruning_curves.json is missing: 140 LoRA configurations
 # of 150 steps on the tiny task, 7x the trials of bench-sweep's unpruned sweep (resumable: the study in
-# $(CURVES_WORK) is the cache; record_curves.py --signals --jobs N adds the cooled-fork and EMA signals).
+# $(CURVES_WORK) is the cache). Then the signals (issue 21): 28 configurations recorded with a cooled fork of 5 steps at
+# every validation and the EMA of the weights (pruning_signal_curves.json), and with a fork of 15 steps at every 50th
+# step (..._fork15.json), each replayed with the pruners fed the loss, the fork and the EMA (~10 minutes each).
 CURVES_WORK ?= /tmp/tunelab-pruning-curves
+SIGNAL_GRID = --jobs 2 --rank-index 1,3 --warmups 0,0.2 --signals
 bench-pruning: install
 	test -f benchmarks/pruning_curves.json || $(PY) benchmarks/record_curves.py --work $(CURVES_WORK)
 	$(PY) benchmarks/pruning_replay.py benchmarks/pruning_curves.json --seeds 40
+	test -f benchmarks/pruning_signal_curves.json || $(PY) benchmarks/record_curves.py --work $(CURVES_WORK)-signals \
+	  --out benchmarks/pruning_signal_curves.json $(SIGNAL_GRID) --fork-steps 5
+	test -f benchmarks/pruning_signal_curves_fork15.json || $(PY) benchmarks/record_curves.py \
+	  --work $(CURVES_WORK)-fork15 --out benchmarks/pruning_signal_curves_fork15.json $(SIGNAL_GRID) --fork-steps 15 --val-every 50
+	for curves in benchmarks/pruning_signal_curves.json benchmarks/pruning_signal_curves_fork15.json; do \
+	  $(PY) benchmarks/pruning_replay.py $$curves --seeds 40 --samplers tpe --signals loss,cooled,ema \
+	    --pruners none,nearest_bound,successive_halving,hyperband,median --pruned-trials optuna,reported || exit 1; done
 
 # Start-up of the command line: `train.py --help` and a config error against `import lightning` (issue 13; ~1 minute).
 bench-cli: install

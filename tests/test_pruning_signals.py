@@ -172,3 +172,39 @@ def test_the_sampler_learns_a_pruned_trials_last_report_and_the_study_keeps_it_p
     seen = StudyView(study).get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert [(t.state, t.value) for t in seen] == [(optuna.trial.TrialState.COMPLETE, 0.5)]  # its last report
     assert study.trials[0].state == optuna.trial.TrialState.PRUNED and study.trials[0].value is None
+
+
+def test_a_sweep_reports_the_cooled_fork_it_adds_itself_and_logs_it_beside_val_loss(tmp_path, dataset_cache):
+    """hydra.sweeper.signal=val/loss_cooled with no fork among the callbacks: each trial adds one, reports its value to
+    the pruner at every validation but the last (the last reports the trial's own loss), and MLflow holds it at the
+    steps of val/loss."""
+    import subprocess
+    import sys
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from tests.conftest import ROOT, mlflow_runs, subprocess_env
+
+    uri, storage = f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "sweep=lora_search", f"hydra.sweeper.storage={storage}",
+         "hydra.sweeper.study_name=test", f"hydra.sweep.dir={tmp_path / 'multirun'}", "hydra.sweeper.n_trials=2",
+         "hydra/sweeper/pruner=median", "hydra.sweeper.signal=val/loss_cooled", "hydra.sweeper.fork_steps=2",
+         "hydra.sweeper.pruned_trials=reported", "trainer.max_steps=10", "trainer.val_check_interval=5",
+         "data.num_examples=200", "callbacks=none", "export=false", "trainer.log_every_n_steps=5"],
+        cwd=ROOT, capture_output=True, text=True, env=subprocess_env(tmp_path, dataset_cache, uri), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = optuna.load_study(study_name="test", storage=storage).trials
+    _, children = mlflow_runs(uri)
+    client = MlflowClient(uri)
+    by_number = {int(c.data.tags["optuna.trial_number"]): c for c in children}
+    for trial in trials:
+        run_id = by_number[trial.number].info.run_id
+        cooled = {m.step: m.value for m in client.get_metric_history(run_id, "val/loss_cooled")}
+        loss = {m.step: m.value for m in client.get_metric_history(run_id, "val/loss")}
+        assert len(cooled) == 1 and set(cooled) < set(loss), (cooled, loss)  # one fork (step 5), at val/loss's step
+        (cooled_step, cooled_value), = cooled.items()
+        assert cooled_value != pytest.approx(loss[cooled_step], abs=1e-7)  # a fork that did not train changes nothing
+        assert trial.intermediate_values[5] == pytest.approx(cooled_value)  # what the pruner was told
+        assert trial.intermediate_values[10] == pytest.approx(max(loss.items())[1])  # the last: its own loss
