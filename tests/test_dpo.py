@@ -180,7 +180,8 @@ def test_bad_pairs_are_refused_with_one_line_before_training(tmp_path, dataset_c
     (["module.label_smoothing=0.1"], "module.label_smoothing=0.1 is for module.loss_type=robust"),
     (["module.reference=adapter"], "module.reference=adapter needs an adapter to switch off"),
     (["data=tiny"], "module=dpo trains on preference pairs"),
-], ids=["beta_zero", "unknown_loss", "smoothing_without_robust", "adapter_without_lora", "sft_rows"])
+    (["module.sft_weight=-1"], "module.sft_weight=-1 must be >= 0"),
+], ids=["beta_zero", "unknown_loss", "smoothing_without_robust", "adapter_without_lora", "sft_rows", "negative_sft_weight"])
 def test_bad_dpo_keys_are_refused_with_one_line(tmp_path, dataset_cache, args, message):
     from tunelab.config import ConfigError, validate_config
 

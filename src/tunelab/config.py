@@ -547,7 +547,8 @@ def check_objective(cfg: DictConfig) -> None:
 
 
 DPO_FIELDS = {"beta": Rule(float, "> 0"), "loss_type": OneOf("sigmoid", "ipo", "robust"),
-              "label_smoothing": Rule(float, ">= 0", "< 0.5"), "reference": OneOf("auto", "adapter", "copy", "precomputed")}
+              "label_smoothing": Rule(float, ">= 0", "< 0.5"), "reference": OneOf("auto", "adapter", "copy", "precomputed"),
+              "sft_weight": Rule(float, ">= 0")}
 
 
 def is_dpo(cfg: DictConfig) -> bool:
