@@ -7,7 +7,11 @@
 #   sft_pairs            SFT on the rows the pairs are made of (data=tiny), 64 rows a step
 #   dpo_copy / dpo_precomputed          DPO, full fine-tune: a frozen copy as reference / log-probs computed once
 #   lora_sft / dpo_adapter / dpo_lora_precomputed   the same under LoRA (reference: the adapter switched off)
-# DPO takes 32 pairs a step (64 rows a forward, as sft_pairs). ONLY="sft sft_eval" runs a subset.
+# DPO takes 32 pairs a step (64 rows a forward, as sft_pairs). At these rows' ~20 tokens a step is launch-bound, so
+# the real_* runs repeat the comparison at realistic lengths (benchmarks/real_length_data.py rows, median ~250
+# tokens, as pairs: chosen = the row's answer, rejected = the next row's), 4 pairs / 8 rows a step:
+#   real_sft / real_dpo_copy / real_dpo_precomputed / real_lora_sft / real_dpo_adapter
+# ONLY="sft sft_eval" runs a subset.
 # lm_eval comes from the eval extra's wheels where the image lacks it (BENCHMARKS.md says which).
 source "$(dirname "$0")/gpu_runs.sh"   # OUT, RUNS, PY, env.txt, want, run
 COMMON="model=llama1b model.init=random model.tokenizer=char precision=bf16_true trainer.devices=1 logger=csv
@@ -24,6 +28,24 @@ run dpo_precomputed $PAIRS module.reference=precomputed
 run lora_sft peft=lora data=tiny data.num_examples=2000 data.batch_size=64 eval=none
 run dpo_adapter peft=lora $PAIRS
 run dpo_lora_precomputed peft=lora $PAIRS module.reference=precomputed
+REAL_ROWS=/tmp/real_rows.jsonl REAL_PAIRS=/tmp/real_pairs.jsonl
+if want real_sft || want real_dpo_copy; then
+  [ -f $REAL_ROWS ] || $PY benchmarks/real_length_data.py $REAL_ROWS --rows 800 --seed 0 >> "$OUT/log.txt"
+  [ -f $REAL_PAIRS ] || $PY - "$REAL_ROWS" "$REAL_PAIRS" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+with open(sys.argv[2], "w") as out:
+    for row, other in zip(rows, rows[1:] + rows[:1]):
+        out.write(json.dumps({"prompt": f"{row['instruction']}\n{row['input']}", "chosen": row["output"],
+                              "rejected": other["output"]}) + "\n")
+PY
+fi
+REAL="trainer.max_steps=30 trainer.val_check_interval=30 data.max_length=2048 data.max_val_examples=16 eval=none"
+run real_sft $REAL data=jsonl data.path=$REAL_ROWS data.batch_size=8
+run real_dpo_copy $REAL data=pairs data.path=$REAL_PAIRS data.batch_size=4 module=dpo
+run real_dpo_precomputed $REAL data=pairs data.path=$REAL_PAIRS data.batch_size=4 module=dpo module.reference=precomputed
+run real_lora_sft $REAL peft=lora data=jsonl data.path=$REAL_ROWS data.batch_size=8
+run real_dpo_adapter $REAL peft=lora data=pairs data.path=$REAL_PAIRS data.batch_size=4 module=dpo
 for r in sft_eval fsdp_eval; do
   [ -f $RUNS/$r/csv/version_0/metrics.csv ] && $PY - "$RUNS/$r/csv/version_0/metrics.csv" <<'PY' | tee -a "$OUT/log.txt"
 import csv, sys
