@@ -208,3 +208,30 @@ def test_a_sweep_reports_the_cooled_fork_it_adds_itself_and_logs_it_beside_val_l
         assert cooled_value != pytest.approx(loss[cooled_step], abs=1e-7)  # a fork that did not train changes nothing
         assert trial.intermediate_values[5] == pytest.approx(cooled_value)  # what the pruner was told
         assert trial.intermediate_values[10] == pytest.approx(max(loss.items())[1])  # the last: its own loss
+
+
+def test_under_ddp_every_rank_forks_and_the_run_ends_as_one_without_signals(tmp_path, dataset_cache):
+    """Two CPU ranks: each forks and validates its share in step (a rank that skipped the fork would hang the other in
+    its reduce or end with other weights); the run's validations are those of the same run without signals."""
+    import csv
+
+    from tests.conftest import run_train
+
+    common = ["strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "peft=lora", "trainer.max_steps=10",
+              "trainer.val_check_interval=5", "data.num_examples=300", "callbacks=none", "export=false", "logger=csv",
+              "validate_at_start=false"]
+    signals = ["+callbacks.fork._target_=tunelab.sweep.signals.CooldownFork", "+callbacks.fork.steps=2",
+               "+callbacks.average._target_=tunelab.sweep.signals.WeightAverage"]
+
+    def validations(run_dir):
+        rows = list(csv.DictReader((run_dir / "csv" / "version_0" / "metrics.csv").open()))
+        return {name: {int(r["step"]): float(r[name]) for r in rows if r.get(name)}
+                for name in ("val/loss", "val/loss_cooled", "val/loss_ema")}
+
+    run_train(common, tmp_path / "plain", dataset_cache, timeout=300)
+    run_train([*common, *signals], tmp_path / "signals", dataset_cache, timeout=300)
+    plain, signalled = validations(tmp_path / "plain"), validations(tmp_path / "signals")
+    assert len(plain["val/loss"]) == 2 and signalled["val/loss"] == plain["val/loss"]  # bitwise, both validations
+    assert set(signalled["val/loss_cooled"]) == set(signalled["val/loss_ema"]) == {min(plain["val/loss"])}
+    step = min(plain["val/loss"])
+    assert signalled["val/loss_cooled"][step] != plain["val/loss"][step] != signalled["val/loss_ema"][step]
