@@ -35,7 +35,6 @@ CURVES = ROOT / "benchmarks" / "pruning_curves.json"
 LIVE = ROOT / "benchmarks" / "live_sweeps.json"
 SAMPLERS = ("tpe", "random", "gp")
 FEWER_TRIALS = (7, 10, 14)  # unpruned sweeps of only the first K proposals, the baseline every pruner must beat
-PRUNED_TRIALS = ("optuna", "reported")  # what the sampler learns from a pruned trial (tunelab.sweep.sampling)
 SIGNALS = ("loss", "cooled", "ema")  # what a trial reports: its validation loss, a cooled fork's, its EMA weights
 # name: (config in conf/hydra/sweeper/pruner, overrides); "first_validation_after_warmup" is filled in per curve set.
 PRUNERS = {
@@ -352,6 +351,8 @@ def main(argv: list[str]) -> None:
                  "benchmarks/record_curves.py --signals")
     print(f"{len(recorded['curves'])} recorded curves of {recorded['max_steps']} steps; "
           f"{args.seeds} seeds x {args.trials} trials per sweep\n")
+    from tunelab.sweep.sampling import PRUNED_TRIALS
+
     told = args.pruned_trials.split(",")
     if unknown := [t for t in told if t not in PRUNED_TRIALS]:
         sys.exit(f"tunelab: error: unknown --pruned-trials {unknown[0]}: pick from {', '.join(PRUNED_TRIALS)}")

@@ -39,6 +39,8 @@ def read_space(sweeper, arguments: list[str]) -> SearchSpace:
 
 
 def check_space(sweeper, space: SearchSpace) -> None:
+    from tunelab.sweep.sampling import PRUNED_TRIALS  # optuna: not at import, which Hydra's plugin discovery does
+
     s = sweeper
     if not space.params:
         raise SweepConfigError("the sweep has no search space: give hydra.sweeper.params or `key=choice(...)` overrides")
@@ -48,6 +50,10 @@ def check_space(sweeper, space: SearchSpace) -> None:
         raise SweepConfigError(f"hydra.sweeper.max_failure_rate={s.max_failure_rate} must be within [0, 1]")
     if s.objective_mode() not in ("min", "max"):
         raise SweepConfigError(f"objective.mode={s.objective_mode()} is not one of: min, max")
+    if s.pruned_trials not in PRUNED_TRIALS:
+        raise SweepConfigError(f"hydra.sweeper.pruned_trials={s.pruned_trials}: pick one of {', '.join(PRUNED_TRIALS)}")
+    if not isinstance(s.fork_steps, int) or isinstance(s.fork_steps, bool) or s.fork_steps < 1:
+        raise SweepConfigError(f"hydra.sweeper.fork_steps={s.fork_steps} must be an integer >= 1")
     probe = {**{name: first_value(d) for name, d in space.params.items()}, **space.fixed}
     try:
         s.hydra_context.config_loader.load_sweep_config(s.config, [f"{k}={v}" for k, v in probe.items()] + space.fixed_overrides)

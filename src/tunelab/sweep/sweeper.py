@@ -55,14 +55,7 @@ class StudySweeper(Sweeper):
         return self.config.objective.mode
 
     def sweep(self, arguments: list[str]) -> None:
-        from tunelab.sweep.sampling import PRUNED_TRIALS
-
         try:
-            if self.pruned_trials not in PRUNED_TRIALS:
-                raise SweepConfigError(f"hydra.sweeper.pruned_trials={self.pruned_trials}: pick one of "
-                                       f"{', '.join(PRUNED_TRIALS)}")
-            if not isinstance(self.fork_steps, int) or isinstance(self.fork_steps, bool) or self.fork_steps < 1:
-                raise SweepConfigError(f"hydra.sweeper.fork_steps={self.fork_steps} must be an integer >= 1")
             StudyLoop(self, arguments).run()
         except SweepConfigError as error:
             sys.exit(f"tunelab: error: {error}")
