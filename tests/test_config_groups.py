@@ -51,6 +51,8 @@ EXPECTED = {
     ("data", "tiny"): (InstructionDataModule, {"source": "tiny", "num_examples": 4000, "max_length": 48, "batch_size": 32}),
     ("data", "tiny_chat"): (InstructionDataModule, {"source": "tiny_chat", "format": "chat", "max_length": 96,
                                                     "train_on": "all_assistant", "truncation": "cut_turns"}),
+    ("data", "tiny_flawed"): (InstructionDataModule, {"source": "tiny_flawed", "num_examples": 4000, "max_length": 48,
+                                                      "batch_size": 32}),
     ("data", "tiny_pairs"): (PreferenceDataModule, {"source": "tiny_pairs", "num_examples": 2000, "format": "alpaca",
                                                     "max_length": 48, "batch_size": 16}),
     # (tasks, limit, batch size, base too); auto: on the default data=tiny, with lm_eval here (tests/test_eval.py: off)
@@ -64,7 +66,7 @@ EXPECTED = {
                                             "experiment_name": "llama1b-alpaca-lora", "lr": 2e-4, "warmup_steps": 60,
                                             "max_steps": 2000, "val_check_interval": 200, "accumulate_grad_batches": 4},
     ("experiment", "tiny_dpo"): {"choices": {"model": "sft_export", "data": "tiny_pairs", "module": "dpo"},
-                                 "experiment_name": "tiny-dpo", "lr": 3e-4, "max_steps": 120, "val_check_interval": 30,
+                                 "experiment_name": "tiny-dpo", "lr": 3e-5, "max_steps": 40, "val_check_interval": 10,
                                  "builds": (DPOModule, PreferenceDataModule)},
     # (on the CPU, on a GPU): what `auto` resolves to, per piece
     ("kernels", "auto"): ({"loss": "plain", "compile": "none", "fused_ops": "none"},

@@ -134,6 +134,22 @@ def test_chunked_log_probs_give_the_gradients_of_the_full_logits(tmp_path, datas
         torch.testing.assert_close(chunked[name], gradient, rtol=1e-9, atol=1e-12, msg=name)
 
 
+def test_the_embedded_pairs_reject_the_answers_the_flawed_sft_data_teaches(tmp_path):
+    from tunelab.data.preference import write_tiny_pairs
+    from tunelab.tiny_task import OPERATIONS, write_tiny_task
+
+    rows = [json.loads(line) for line in write_tiny_task(tmp_path, 4000, 3, "tiny_flawed").open()]
+    assert {len(row["input"]) for row in rows} == {3, 4}
+    doubles = [row for row in rows if row["instruction"] == "double"]
+    stopped = sum(row["output"] == row["input"] for row in doubles)
+    assert 0.4 < stopped / len(doubles) < 0.6
+    assert all(row["output"] == OPERATIONS[row["instruction"]](row["input"]) for row in rows
+               if row["instruction"] != "double" or row["output"] != row["input"])
+    pairs = [json.loads(line) for line in write_tiny_pairs(tmp_path, 200, 3).open()]
+    assert all((pair["prompt"], pair["chosen"], pair["rejected"]) == ("double", pair["input"] * 2, pair["input"])
+               for pair in pairs)
+
+
 # ── bad input: one line ────────────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -235,6 +251,25 @@ def test_resume_mid_epoch_gives_the_losses_of_a_straight_run(tmp_path, dataset_c
         for step, value in straight[name].items():
             assert second[name][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, step)
     assert straight["train/loss"][2 * n - 1] != pytest.approx(straight["train/loss"][0])  # it trained
+
+
+def test_dpo_from_the_sft_export_stops_answers_where_they_end(tmp_path, dataset_cache):
+    # README's two commands: SFT on answers half cut short (data=tiny_flawed) stops after one copy on about half its
+    # `double` prompts; DPO on pairs rejecting exactly that answer fixes it. The DPO run's step-0 validation is the
+    # SFT export itself, on the same prompts. Seen: exact match 0.30 -> 0.51 (seed 1234), 0.11 -> 0.40 (seed 7).
+    run_train([*QUIET, "data=tiny_flawed", "trainer.max_steps=600", "trainer.val_check_interval=600",
+               "callbacks.samples=null", "callbacks.early_stopping=null"], tmp_path / "sft", dataset_cache)
+    dpo = run_train([*QUIET, "experiment=tiny_dpo", f"model.name_or_path={tmp_path / 'sft' / 'export'}"],
+                    tmp_path / "dpo", dataset_cache)
+
+    series = logged(tmp_path / "dpo")
+    exact, accuracy = series["val/generated_exact_match"], series["val/rewards/accuracy"]
+    first, last = min(exact), max(exact)
+    assert first == 0 and last == 39
+    assert accuracy[last] > 0.9
+    assert exact[last] >= exact[first] + 0.1, exact
+    assert series["val/logps/chosen"][last] > series["val/logps/chosen"][first]  # whole answers got likelier
+    assert f"val/rewards/accuracy (last) {accuracy[last]:.3f}" in dpo.stdout  # the summary's score is DPO's
 
 
 DDP2 = ["strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]

@@ -61,10 +61,10 @@ def check_data_rows(data: DictConfig, tokenizer, key: str = "data") -> None:
             check_chat_template(tokenizer, f"data.path={data.path}")
     elif data.source == "jsonl":
         check_rows_file(Path(data.path).expanduser(), f"{key}.path={data.path}", data, tokenizer)
-    elif data.source in ("tiny", "tiny_chat"):
+    elif data.source in ("tiny", "tiny_chat", "tiny_flawed"):
         from tunelab.data import tiny_task_file
 
-        path = tiny_task_file(data.cache_dir, data.num_examples, data.seed, chat=data.source == "tiny_chat")
+        path = tiny_task_file(data.cache_dir, data.num_examples, data.seed, data.source)
         check_rows_file(path, f"data={data.source}", data, tokenizer)
 
 

@@ -44,6 +44,9 @@ def plot_loss_curves(tracker: ObjectiveTracker, path: Path) -> Path:
     return path
 
 
+SCORES = ("val/exact_match", "val/rewards/accuracy", "val/rewards/margin")
+
+
 def summary_lines(tracker: ObjectiveTracker, objective: float, best_checkpoint: str | None, run_id: str | None,
                   tracking_uri: str | None, tokens_per_second: float | None) -> list[str]:
     last_val = tracker.validations[-1] if tracker.validations else {}
@@ -51,9 +54,10 @@ def summary_lines(tracker: ObjectiveTracker, objective: float, best_checkpoint: 
     lines = [
         f"train/loss (last step)   {train_loss:.4f}",
         f"val/loss (last)          {last_val.get('val/loss', float('nan')):.4f}",
-        f"val/exact_match (last)   {last_val.get('val/exact_match', float('nan')):.3f}",
-        f"objective {tracker.metric} ({tracker.mode})  {objective:.4f}",
     ]
+    # the task's own score where the module logs one: exact match (SFT), or DPO's reward accuracy and margin
+    lines += [f"{name + ' (last)':<24} {last_val[name]:.3f}" for name in SCORES if name in last_val]
+    lines.append(f"objective {tracker.metric} ({tracker.mode})  {objective:.4f}")
     if tokens_per_second is not None:
         lines.append(f"throughput               {tokens_per_second:,.0f} tokens/s")
     lines.append(f"best checkpoint          {best_checkpoint or '-'}")

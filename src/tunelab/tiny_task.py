@@ -12,15 +12,30 @@ OPERATIONS = {
     "double": lambda word: word + word,
 }
 LETTERS = "abcdefghijklmnop"
+# Words of the preference stage (make_flawed_example, tunelab.data.preference): 3-4 letters, which the tiny model
+# learns to copy within one SFT run, so what DPO changes is where a `double` answer stops, not its spelling.
+SHORT_WORDS = (3, 4)
 # Part of the file name: bump it whenever the generated rows change, so no stale file is reused.
 TASK_VERSION = 2
 CHAT_TASK_VERSION = 3  # the same for the two-turn rows (make_conversation)
+FLAWED_TASK_VERSION = 1  # and for make_flawed_example's
 
 
-def make_example(rng: random.Random) -> dict[str, str]:
+def make_example(rng: random.Random, word_lengths: tuple[int, int] = (3, 6)) -> dict[str, str]:
     instruction = rng.choice(sorted(OPERATIONS))
-    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
+    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(*word_lengths)))
     return {"instruction": instruction, "input": word, "output": OPERATIONS[instruction](word)}
+
+
+def make_flawed_example(rng: random.Random) -> dict[str, str]:
+    """An example of the embedded task on a short word, where half the `double` answers stop after one copy: the
+    flawed SFT data of the SFT → DPO recipe (answers cut short, a common flaw of scraped SFT data). A model trained on
+    it stops early on about half its `double` prompts; DPO on data=tiny_pairs, which rejects exactly those answers,
+    is what fixes it."""
+    example = make_example(rng, SHORT_WORDS)
+    if example["instruction"] == "double" and rng.random() < 0.5:
+        example["output"] = example["input"]
+    return example
 
 
 def make_conversation(rng: random.Random) -> dict[str, list[dict[str, str]]]:
@@ -33,10 +48,18 @@ def make_conversation(rng: random.Random) -> dict[str, list[dict[str, str]]]:
                          {"role": "user", "content": "upper"}, {"role": "assistant", "content": word.upper()}]}
 
 
-def write_tiny_task(directory: Path, num_examples: int, seed: int, chat: bool = False) -> Path:
-    """Writes the task as JSON lines once per (size, seed) and returns the file's path: alpaca-style rows, or
-    two-turn chat rows (make_conversation) where `chat`."""
-    kind = f"chat{CHAT_TASK_VERSION}-" if chat else ""
+# data.source → (the rows' generator, its part of the file name)
+GENERATORS = {
+    "tiny": (make_example, ""),
+    "tiny_chat": (make_conversation, f"chat{CHAT_TASK_VERSION}-"),
+    "tiny_flawed": (make_flawed_example, f"flawed{FLAWED_TASK_VERSION}-"),
+}
+
+
+def write_tiny_task(directory: Path, num_examples: int, seed: int, source: str = "tiny") -> Path:
+    """Writes the task as JSON lines once per (source, size, seed) and returns the file's path: alpaca-style rows
+    (tiny), two-turn chat rows (tiny_chat, make_conversation) or rows with answers stopped short (tiny_flawed)."""
+    generate, kind = GENERATORS[source]
     path = Path(directory) / f"tiny-task-v{TASK_VERSION}-{kind}{num_examples}-seed{seed}.jsonl"
     if path.exists():
         return path
@@ -45,6 +68,6 @@ def write_tiny_task(directory: Path, num_examples: int, seed: int, chat: bool = 
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with tmp.open("w") as f:
         for _ in range(num_examples):
-            f.write(json.dumps(make_conversation(rng) if chat else make_example(rng)) + "\n")
+            f.write(json.dumps(generate(rng)) + "\n")
     tmp.replace(path)  # atomic, so parallel sweep workers never read half a file
     return path

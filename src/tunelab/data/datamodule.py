@@ -25,16 +25,19 @@ from tunelab.tiny_task import write_tiny_task
 log = logging.getLogger(__name__)
 
 
-def tiny_task_file(cache_dir: str, num_examples: int, seed: int, chat: bool = False) -> Path:
-    """The embedded task's rows (two-turn conversations where `chat`) as a JSON-lines file, written once per (size,
-    seed) under the cache."""
-    return write_tiny_task(Path(cache_dir) / "tiny_task", num_examples, seed, chat)
+TINY_SOURCES = ("tiny", "tiny_chat", "tiny_flawed")
+
+
+def tiny_task_file(cache_dir: str, num_examples: int, seed: int, source: str = "tiny") -> Path:
+    """The rows of an embedded task (data.source: tiny, tiny_chat or tiny_flawed, tunelab.tiny_task) as a JSON-lines
+    file, written once per (size, seed) under the cache."""
+    return write_tiny_task(Path(cache_dir) / "tiny_task", num_examples, seed, source)
 
 
 def load_rows(source: str, path: str | None, split: str, num_examples: int | None, cache_dir: str, seed: int) -> Dataset:
     datasets_cache = str(Path(cache_dir) / "datasets")
-    if source in ("tiny", "tiny_chat"):
-        path = str(tiny_task_file(cache_dir, num_examples, seed, chat=source == "tiny_chat"))
+    if source in TINY_SOURCES:
+        path = str(tiny_task_file(cache_dir, num_examples, seed, source))
         source = "jsonl"
     if source == "jsonl":
         rows = load_dataset("json", data_files=path, split="train", cache_dir=datasets_cache)

@@ -30,7 +30,7 @@ from tunelab.data.formats import IGNORE_INDEX, TOKENIZATION_VERSION, tokenizer_f
 from tunelab.config import ConfigError
 from tunelab.data.rows import count_fates, encode_alpaca, fit_to_length, report_rows
 from tunelab.data.samplers import resumable_sampler
-from tunelab.tiny_task import LETTERS, OPERATIONS
+from tunelab.tiny_task import OPERATIONS, SHORT_WORDS, make_example
 
 log = logging.getLogger(__name__)
 
@@ -212,29 +212,14 @@ class PreferenceDataModule(InstructionDataModule):
 
 # ── the embedded preference task ──────────────────────────────────────────────────────────────────────────────────
 
-TINY_PAIRS_VERSION = 1
-
-
-def wrong_answer(instruction: str, word: str, rng: random.Random) -> str:
-    """A plausible wrong answer to `instruction word`: another operation's answer, or the right one with one letter
-    changed (the near misses a half-trained model makes)."""
-    right = OPERATIONS[instruction](word)
-    others = [OPERATIONS[name](word) for name in sorted(OPERATIONS) if name != instruction]
-    candidates = [answer for answer in others if answer != right]
-    if rng.random() < 0.5 or not candidates:
-        position = rng.randrange(len(right))
-        letter = rng.choice([c for c in LETTERS if c != right[position].lower()])
-        letter = letter.upper() if right[position].isupper() else letter
-        return right[:position] + letter + right[position + 1:]
-    return rng.choice(candidates)
+TINY_PAIRS_VERSION = 2
 
 
 def make_pair(rng: random.Random) -> dict[str, str]:
-    """A row of the embedded task (tunelab.tiny_task) as a pair: its right answer chosen, a wrong one rejected."""
-    instruction = rng.choice(sorted(OPERATIONS))
-    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 6)))
-    return {"prompt": instruction, "input": word, "chosen": OPERATIONS[instruction](word),
-            "rejected": wrong_answer(instruction, word, rng)}
+    """`double <word>` of the embedded task on a short word as a pair: the word twice chosen, the answer stopped after
+    one copy rejected (the flaw data=tiny_flawed teaches)."""
+    word = make_example(rng, SHORT_WORDS)["input"]
+    return {"prompt": "double", "input": word, "chosen": OPERATIONS["double"](word), "rejected": word}
 
 
 def write_tiny_pairs(directory: Path, num_examples: int, seed: int) -> Path:
