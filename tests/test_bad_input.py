@@ -48,6 +48,8 @@ CASES = [
     (["model.dtype=float64"], {}, "model.dtype=float64 is not one of: null, float32, bfloat16, float16"),
     (["trainer.devices=abc"], {}, "trainer.devices=abc must be auto, a number of devices"),
     (["trainer.val_check_interval=2.5"], {}, "trainer.val_check_interval=2.5: a float is a fraction of an epoch"),
+    (["trainer.val_check_interval=0.5"], {}, "trainer.val_check_interval=0.5 is a fraction of an epoch, which Lightning "
+                                              "counts only with trainer.check_val_every_n_epoch set"),
     (["trainer.accumulate_grad_batches=0"], {}, "trainer.accumulate_grad_batches=0 must be >= 1"),
     (["kernels.loss_chunk_size=0"], {}, "kernels.loss_chunk_size=0 must be >= 1"),
     (["callbacks.divergence.action=ignore"], {}, "callbacks.divergence.action=ignore is not one of: stop, skip"),

@@ -454,6 +454,11 @@ def check_trainer(cfg: DictConfig) -> None:
         if isinstance(value, float) and value > 1:
             raise ConfigError(f"trainer.{key}={show(value)}: a float is a fraction of an epoch (at most 1.0); "
                               f"give a number of batches as an integer, e.g. trainer.{key}={int(value)}")
+    interval = cfg.trainer.get("val_check_interval")
+    if isinstance(interval, float) and cfg.trainer.get("check_val_every_n_epoch") is None:
+        raise ConfigError(f"trainer.val_check_interval={show(interval)} is a fraction of an epoch, which Lightning counts "
+                          "only with trainer.check_val_every_n_epoch set: give a number of steps as an integer (e.g. "
+                          "trainer.val_check_interval=100), or add trainer.check_val_every_n_epoch=1")
 
 
 def check_placement(cfg: DictConfig) -> None:
