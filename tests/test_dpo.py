@@ -5,6 +5,8 @@ pairs and keys with one line."""
 import copy
 import csv
 import json
+import subprocess
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -258,9 +260,10 @@ def test_dpo_from_the_sft_export_stops_answers_where_they_end(tmp_path, dataset_
     # `double` prompts; DPO on pairs rejecting exactly that answer fixes it. The DPO run's step-0 validation is the
     # SFT export itself, on the same prompts. Seen: exact match 0.30 -> 0.51 (seed 1234), 0.11 -> 0.40 (seed 7).
     run_train([*QUIET, "data=tiny_flawed", "trainer.max_steps=600", "trainer.val_check_interval=600",
-               "callbacks.samples=null", "callbacks.early_stopping=null"], tmp_path / "sft", dataset_cache)
-    dpo = run_train([*QUIET, "experiment=tiny_dpo", f"model.name_or_path={tmp_path / 'sft' / 'export'}"],
-                    tmp_path / "dpo", dataset_cache)
+               "validate_at_start=false", "callbacks.samples=null", "callbacks.early_stopping=null"], tmp_path / "sft",
+              dataset_cache)
+    dpo = run_train([*QUIET, "experiment=tiny_dpo", f"model.name_or_path={tmp_path / 'sft' / 'export'}",
+                     "trainer.val_check_interval=20"], tmp_path / "dpo", dataset_cache)
 
     series = logged(tmp_path / "dpo")
     exact, accuracy = series["val/generated_exact_match"], series["val/rewards/accuracy"]
@@ -270,6 +273,35 @@ def test_dpo_from_the_sft_export_stops_answers_where_they_end(tmp_path, dataset_
     assert exact[last] >= exact[first] + 0.1, exact
     assert series["val/logps/chosen"][last] > series["val/logps/chosen"][first]  # whole answers got likelier
     assert f"val/rewards/accuracy (last) {accuracy[last]:.3f}" in dpo.stdout  # the summary's score is DPO's
+
+
+def test_an_optuna_sweep_over_beta_and_lr_searches_dpo_like_any_other(tmp_path, dataset_cache):
+    # Issue 22: sweeps over module.beta and optim.lr work like any other, the objective a DPO metric, each trial an
+    # MLflow child run of the sweep's.
+    import optuna
+
+    from tests.conftest import ROOT, mlflow_runs, subprocess_env
+
+    storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/sweeper=study", f"hydra.sweeper.storage={storage}",
+               "hydra.sweeper.study_name=dpo", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+               'hydra.sweeper.params={module.beta: "interval(0.05, 0.5)", optim.lr: "tag(log, interval(1e-5, 1e-3))"}',
+               "objective.metric=val/rewards/margin", "objective.mode=max", "logger=mlflow",
+               *(arg for arg in SMALL_DPO[1:] if not arg.startswith("optim.lr")),
+               "trainer.max_steps=4", "trainer.val_check_interval=4"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=subprocess_env(tmp_path, dataset_cache, uri))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    trials = optuna.load_study(study_name="dpo", storage=storage).trials
+    assert [trial.state for trial in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for trial in trials:
+        assert 0.05 <= trial.params["module.beta"] <= 0.5 and 1e-5 <= trial.params["optim.lr"] <= 1e-3
+        outcome = json.loads((tmp_path / "multirun" / str(trial.number) / "objective.json").read_text())
+        assert (outcome["metric"], outcome["objective"]) == ("val/rewards/margin", pytest.approx(trial.value))
+    parents, children = mlflow_runs(uri)
+    assert len(parents) == 1 and len(children) == 2
+    assert {float(run.data.params["module/beta"]) for run in children} == {t.params["module.beta"] for t in trials}
 
 
 DDP2 = ["strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
