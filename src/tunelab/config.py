@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tunelab.precision import precision_warnings
 from tunelab.kernel_choice import COMPILES, FUSED_OPS, LOSSES, liger_available, resolve_kernels
 from tunelab.strategy import AUTO_WRAP_CHOICES, gpu_count, is_known_strategy, runs_on_gpu, strategy_devices
+from tunelab.tiny_task import TINY_SOURCES
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ FIELDS: dict[str, Rule | OneOf | ListOf | AnyOf] = {
     "model.recommended_lr.full": Rule(float, "> 0"),
     "model.recommended_lr.adapter": Rule(float, "> 0"),
 
-    "data.source": OneOf("tiny", "tiny_chat", "tiny_flawed", "tiny_pairs", "hub", "jsonl", "random_tokens"),
+    "data.source": OneOf(*TINY_SOURCES, "tiny_pairs", "hub", "jsonl", "random_tokens"),
     "data.path": Rule(str, null=True),
     "data.split": Rule(str),
     "data.num_examples": Rule(int, ">= 1", null=True),
@@ -316,7 +317,7 @@ def check_data(cfg: DictConfig) -> None:
         raise ConfigError(f"data.path={path}: no such file; data=jsonl needs data.path=/path/to/rows.jsonl")
     elif data.source == "hub" and not data.path:
         raise ConfigError("data.source=hub needs data.path=<a Hugging Face dataset id>, e.g. tatsu-lab/alpaca")
-    elif data.source in ("tiny", "tiny_chat", "tiny_flawed") and data.num_examples is None:
+    elif data.source in TINY_SOURCES and data.num_examples is None:
         raise ConfigError(f"data={data.source} generates data.num_examples rows: give a number, e.g. data.num_examples=4000")
     for key in ("prompt_template", "prompt_template_no_input"):
         if data.get(key) is not None:

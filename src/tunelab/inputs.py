@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.config import ConfigError, one_line, show
+from tunelab.tiny_task import TINY_SOURCES
 
 FORMAT_FIELDS = {
     "alpaca": "instruction and output strings (input optional)",
@@ -61,7 +62,7 @@ def check_data_rows(data: DictConfig, tokenizer, key: str = "data") -> None:
             check_chat_template(tokenizer, f"data.path={data.path}")
     elif data.source == "jsonl":
         check_rows_file(Path(data.path).expanduser(), f"{key}.path={data.path}", data, tokenizer)
-    elif data.source in ("tiny", "tiny_chat", "tiny_flawed"):
+    elif data.source in TINY_SOURCES:
         from tunelab.data import tiny_task_file
 
         path = tiny_task_file(data.cache_dir, data.num_examples, data.seed, data.source)

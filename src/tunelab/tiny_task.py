@@ -54,6 +54,7 @@ GENERATORS = {
     "tiny_chat": (make_conversation, f"chat{CHAT_TASK_VERSION}-"),
     "tiny_flawed": (make_flawed_example, f"flawed{FLAWED_TASK_VERSION}-"),
 }
+TINY_SOURCES = tuple(GENERATORS)
 
 
 def write_tiny_task(directory: Path, num_examples: int, seed: int, source: str = "tiny") -> Path:

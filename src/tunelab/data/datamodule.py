@@ -20,12 +20,9 @@ from tunelab.data.formats import TOKENIZATION_VERSION, detect_format, tokenizer_
 from tunelab.data.rows import RowTokenizer, count_fates, is_trained, report_rows
 from tunelab.data.samplers import PackedBatchSampler, resumable_sampler, resume_position
 from tunelab.targets import build_target
-from tunelab.tiny_task import write_tiny_task
+from tunelab.tiny_task import TINY_SOURCES, write_tiny_task
 
 log = logging.getLogger(__name__)
-
-
-TINY_SOURCES = ("tiny", "tiny_chat", "tiny_flawed")
 
 
 def tiny_task_file(cache_dir: str, num_examples: int, seed: int, source: str = "tiny") -> Path:
