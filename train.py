@@ -33,6 +33,7 @@ def main(cfg: DictConfig) -> float:
         from tunelab.model import build_model, count_parameters
         from tunelab.module import build_module
         from tunelab.peft import apply_peft, base_quantization
+        from tunelab.precision import apply_float8
         from tunelab.preemption import Preempted, requeue_slurm_job
         from tunelab.report import finish_run
         from tunelab.strategy import build_device, runs_on_gpu
@@ -53,7 +54,7 @@ def main(cfg: DictConfig) -> float:
     on_gpu = runs_on_gpu(cfg.strategy, cfg.trainer)
     model = build_model(cfg.model, cfg.precision, tokenizer, base_quantization(cfg.peft), packed=cfg.data.get("packing", False),
                         device=build_device(cfg.strategy, on_gpu))
-    model = apply_peft(model, cfg.peft)
+    model = apply_float8(apply_peft(model, cfg.peft), cfg.precision)  # precision=fp8: float8 matmuls in the base
     trainable, total = count_parameters(model)
     log.info("parameters: %s trainable of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     kernels = resolve_kernels(cfg)

@@ -63,6 +63,8 @@ PINS=(
   multiprocess==0.70.19                    # datasets (<0.70.20); its wheel is per Python version (py312)
   # GPU kernels (Triton; torch and triton are in the image).
   liger-kernel==0.8.5
+  # precision=fp8: torchao's float8 training; 0.17 is the release built against the image's torch 2.11.
+  torchao==0.17.0
 )
 
 _ds_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -124,7 +126,7 @@ _ds_install() {
 import importlib, importlib.metadata as md, sys
 mods = [("torch", "torch"), ("transformers", "transformers"), ("lightning", "lightning"), ("peft", "peft"),
         ("liger_kernel", "liger-kernel"), ("hydra", "hydra-core"), ("optuna", "optuna"), ("mlflow", "mlflow-skinny"),
-        ("datasets", "datasets"), ("pyarrow", "pyarrow")]
+        ("datasets", "datasets"), ("pyarrow", "pyarrow"), ("torchao", "torchao")]
 out, bad = [], 0
 for mod, dist in mods:
     try:

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from tunelab.precision import precision_warnings
+from tunelab.precision import FLOAT8_LAYERS, FLOAT8_RECIPES, float8_gpu_problem, precision_warnings
 from tunelab.kernel_choice import COMPILES, FUSED_OPS, LOSSES, liger_available, resolve_kernels
 from tunelab.strategy import AUTO_WRAP_CHOICES, gpu_count, is_known_strategy, runs_on_gpu, strategy_devices
 from tunelab.tiny_task import TINY_SOURCES
@@ -204,6 +204,10 @@ FIELDS: dict[str, Rule | OneOf | ListOf | AnyOf] = {
 
     "precision.value": OneOf(*PRECISIONS),
     "precision.model_dtype": OneOf("float32", "bfloat16", "float16"),
+    "precision.float8": Rule(dict, null=True),
+    "precision.float8.recipe": OneOf(*FLOAT8_RECIPES),
+    "precision.float8.layers": OneOf(*FLOAT8_LAYERS),
+    "precision.float8.emulate": Rule(bool),
 
     "kernels.loss_chunk_size": Rule(int, ">= 1"),
     "kernels.compile_mode": OneOf(None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
@@ -237,7 +241,7 @@ ABSENT = object()
 
 def validate_config(cfg: DictConfig) -> None:
     for check in (check_resolves, check_fields, check_model, check_data, check_peft, check_kernels, check_optim,
-                  check_trainer, check_fsdp_adapters, check_placement, check_run, check_preference, check_objective,
+                  check_trainer, check_fsdp_adapters, check_placement, check_float8, check_run, check_preference, check_objective,
                   check_evaluation,
                   check_tracking_server, check_targets):
         check(cfg)
@@ -479,6 +483,33 @@ def check_placement(cfg: DictConfig) -> None:
             raise ConfigError(f"strategy {strategy.name} needs {max(wanted, 1)} GPUs, found {gpus}")
     elif cfg.precision.value == "16-mixed":
         raise ConfigError("precision 16_mixed needs a GPU (fp16 autocast); on CPU use precision=bf16_mixed or 32_true")
+
+
+def check_float8(cfg: DictConfig) -> None:
+    """precision=fp8 against the rest of the run and the GPU that is here."""
+    if not cfg.precision.get("float8"):
+        return
+    name = cfg.precision.get("name", "fp8")
+    if cfg.precision.value != "bf16-true":
+        raise ConfigError(f"precision={name} trains bfloat16 weights with float8 matmuls: it needs "
+                          f"precision.value=bf16-true, not {cfg.precision.value}")
+    if cfg.peft and cfg.peft.get("quantize_base") is not None:
+        raise ConfigError(f"precision={name} does not combine with peft=qlora: the 4-bit base's matmuls are "
+                          "bitsandbytes kernels, not float8 ones; use peft=lora (float8 base, bf16 adapters) or precision=bf16_true")
+    target = str(cfg.strategy.get("_target_", ""))
+    if target.endswith(("FSDPStrategy", "DeepSpeedStrategy")):
+        raise ConfigError(f"precision={name} does not run under strategy={cfg.strategy.name} (its flat parameters hide "
+                          "the float8 layers' weights): use strategy=auto or strategy=ddp")
+    if importlib.util.find_spec("torchao") is None:
+        raise ConfigError(f"precision={name} needs the torchao package: pip install 'tunelab[gpu]'")
+    if cfg.precision.float8.emulate:
+        return
+    if not runs_on_gpu(cfg.strategy, cfg.trainer):
+        raise ConfigError(f"precision={name} needs an NVIDIA GPU with float8 matmuls (compute capability 8.9+: H100, "
+                          "H200, L4); this run is on the CPU: use precision=bf16_true, or precision.float8.emulate=true "
+                          "to check float8 numerics slowly")
+    if problem := float8_gpu_problem():
+        raise ConfigError(f"precision={name}: {problem}; use precision=bf16_true")
 
 
 def check_devices(devices: Any) -> None:
