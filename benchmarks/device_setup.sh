@@ -65,12 +65,28 @@ PINS=(
   liger-kernel==0.8.5
   # precision=fp8: torchao's float8 training; 0.17 is the release built against the image's torch 2.11.
   torchao==0.17.0
+  # peft=qlora: bitsandbytes; its wheel (43 MB) is cut to the CUDA 13.0 library the image's torch uses (4 MB).
+  bitsandbytes==0.50.2
 )
 
 _ds_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHL_DIR="${WHL_DIR:-$_ds_root/.whl}"
 PY_VERSION="${PY_VERSION:-3.12}"
 SITE="${SITE:-/tmp/site}"
+
+_ds_keep_cuda130() {  # drops every native library of a bitsandbytes wheel but the CPU and CUDA 13.0 ones
+  python3 - "$1" <<'EOF'
+import os, sys, zipfile
+path = sys.argv[1]
+with zipfile.ZipFile(path) as src, zipfile.ZipFile(path + ".tmp", "w", zipfile.ZIP_DEFLATED) as dst:
+    for item in src.infolist():
+        name = os.path.basename(item.filename)
+        if name.startswith("libbitsandbytes_") and name not in ("libbitsandbytes_cpu.so", "libbitsandbytes_cuda130.so"):
+            continue
+        dst.writestr(item, src.read(item))
+os.replace(path + ".tmp", path)
+EOF
+}
 
 _ds_download() (
   set -euo pipefail
@@ -82,7 +98,7 @@ _ds_download() (
     mkdir -p .git/info && echo '/.whl/' >> .git/info/exclude
   fi
   local pip_args=(--no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$WHL_DIR")
   local keep=() pin name ver norm f out fetched=0
   for pin in "${PINS[@]}"; do
@@ -99,6 +115,7 @@ _ds_download() (
     fi
     f=("$WHL_DIR/$norm-$ver-"*.whl)
     [ ${#f[@]} -eq 1 ] || { echo "$pin: expected one wheel named $norm-$ver-*.whl in $WHL_DIR" >&2; exit 1; }
+    [ "$norm" = bitsandbytes ] && _ds_keep_cuda130 "${f[0]}"
     echo "got $(basename "${f[0]}")"; fetched=$((fetched + 1))
   done
   for f in "$WHL_DIR"/*.whl; do                      # wheels of packages no longer pinned
@@ -126,7 +143,8 @@ _ds_install() {
 import importlib, importlib.metadata as md, sys
 mods = [("torch", "torch"), ("transformers", "transformers"), ("lightning", "lightning"), ("peft", "peft"),
         ("liger_kernel", "liger-kernel"), ("hydra", "hydra-core"), ("optuna", "optuna"), ("mlflow", "mlflow-skinny"),
-        ("datasets", "datasets"), ("pyarrow", "pyarrow"), ("torchao", "torchao")]
+        ("datasets", "datasets"), ("pyarrow", "pyarrow"), ("torchao", "torchao"),
+        ("bitsandbytes", "bitsandbytes")]
 out, bad = [], 0
 for mod, dist in mods:
     try:

@@ -18,4 +18,6 @@ run() {
   timeout 300 $PY train.py $COMMON hydra.run.dir=$RUNS/$name "$@" >> "$OUT/log.txt" 2>&1
   echo "exit $? for $name after $((SECONDS - start)) s" | tee -a "$OUT/log.txt"
   $PY benchmarks/run_figures.py $RUNS/$name | tee -a "$OUT/figures.jsonl"
+  # Every run's metrics so far, in one file that comes back even if a later run outlasts the call.
+  tar czf "$OUT/curves.tgz" -C "$RUNS" $(cd "$RUNS" && ls -d */csv/version_*/metrics.csv) 2>/dev/null
 }

@@ -1,10 +1,11 @@
-"""precision=fp8: torchao's float8 matmuls in the decoder's linear layers (tunelab/precision.py).
+"""precision=fp8: torchao's float8 matmuls in the decoder's linear layers (tunelab/float8.py).
 
 Its speed is a GPU's matter (`make bench`, BENCHMARKS.md). Here, on the CPU with float8 emulated: which layers
 convert, that training really runs through them (the same steps' losses differ from bf16's, by little), that LoRA's
 adapters and the output projection stay bf16, that checkpoints keep bf16's keys, and the one line a CPU run gets.
 """
 
+import copy
 import csv
 import json
 
@@ -18,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import FAST, compose_config, run_train
 from tunelab.config import ConfigError, check_float8
 from tunelab.model import architecture_config, build_tokenizer
-from tunelab.precision import apply_float8
+from tunelab.float8 import apply_float8
 from tunelab.strategy import may_have_gpus
 
 EMULATED = ["precision=fp8", "precision.float8.emulate=true", "precision.float8.layers=all"]
@@ -60,6 +61,20 @@ def test_lora_runs_the_frozen_base_in_float8_and_trains_adapters_outside_it(tmp_
     model(input_ids=ids, labels=ids).loss.backward()
     trained = {name for name, p in model.named_parameters() if p.grad is not None}
     assert trained and all("lora_" in name for name in trained)
+
+
+def test_without_gradients_the_layers_run_their_bf16_matmul(tmp_path, dataset_cache):
+    """Validation, generated samples and DPO's reference pass see the bf16 model that is exported."""
+    cfg = compose_config(EMULATED, tmp_path, dataset_cache)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(architecture_config(cfg.model, build_tokenizer(cfg.model)),
+                                             dtype=torch.bfloat16)
+    plain = copy.deepcopy(model)
+    apply_float8(model, cfg.precision)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, plain(input_ids=ids).logits)
+    assert not torch.equal(model(input_ids=ids).logits.detach(), plain(input_ids=ids).logits.detach())
 
 
 def metrics(run_dir) -> list[dict]:
