@@ -21,7 +21,7 @@ from tunelab.strategy import build_strategy
 
 out, peft_option = Path(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo")
-cfg = compose_config([f"peft={peft_option}", "strategy=fsdp"], out, out / "cache")
+cfg = compose_config([f"peft={peft_option}", "strategy=fsdp1"], out, out / "cache")
 tokenizer = build_char_tokenizer()
 torch.manual_seed(0)
 model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer), cfg.peft)

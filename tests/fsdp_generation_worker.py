@@ -35,7 +35,7 @@ def answers(language_model, synced: bool) -> list[list[int]]:
 
 results = {}
 for peft_option in ("none", "lora"):  # one FSDP unit per decoder layer; with LoRA, flat parameters and adapter units
-    cfg = compose_config([f"peft={peft_option}", "strategy=fsdp"], out, out / "cache")
+    cfg = compose_config([f"peft={peft_option}", "strategy=fsdp1"], out, out / "cache")
     torch.manual_seed(0)
     model = apply_peft(build_model(cfg.model, cfg.precision, tokenizer), cfg.peft).eval()
     with torch.no_grad():  # an adapter that changes the answers (LoRA's B starts at zero)

@@ -20,6 +20,7 @@ from tunelab.data import InstructionDataModule, RandomTokenDataModule, build_dat
 from tunelab.data.preference import PreferenceDataModule
 from tunelab.ddp import SameStreamDDPStrategy
 from tunelab.dpo import DPOModule
+from tunelab.fsdp2 import FSDP2Strategy
 from tunelab.kernel_choice import liger_available, resolve_kernels
 from tunelab.kernels import FusedLinearLoss, apply_kernels, build_loss, lean_rms_norm_forward
 from tunelab.logger import build_logger
@@ -97,11 +98,13 @@ EXPECTED = {
     ("precision", "32_true"): ("32-true", torch.float32),
     ("precision", "bf16_mixed"): ("bf16-mixed", torch.float32),
     ("precision", "bf16_true"): ("bf16-true", torch.bfloat16),
+    ("precision", "fp8"): ("bf16-true", torch.bfloat16),  # and float8 matmuls (tests/test_fp8.py)
     # (class, accelerator, devices, the strategy's own settings)
     ("strategy", "auto"): (str, "auto", "auto", {}),
     ("strategy", "ddp"): (SameStreamDDPStrategy, "auto", "auto", {"_ddp_kwargs": {"find_unused_parameters": False}}),
-    ("strategy", "fsdp"): (FSDPStrategy, "gpu", "auto", {"sharding_strategy": "FULL_SHARD", "_state_dict_type": "sharded"}),
-    ("strategy", "fsdp8"): (FSDPStrategy, "gpu", 8, {"sharding_strategy": "FULL_SHARD", "_state_dict_type": "sharded"}),
+    ("strategy", "fsdp"): (FSDP2Strategy, "auto", "auto", {"sharding_strategy": "FULL_SHARD", "_state_dict_type": "sharded"}),
+    ("strategy", "fsdp1"): (FSDPStrategy, "gpu", "auto", {"sharding_strategy": "FULL_SHARD", "_state_dict_type": "sharded"}),
+    ("strategy", "fsdp8"): (FSDP2Strategy, "gpu", 8, {"sharding_strategy": "FULL_SHARD", "_state_dict_type": "sharded"}),
     ("strategy", "deepspeed_zero3"): ("DeepSpeedStrategy", "gpu", "auto", {"stage": 3}),
     ("sweep", "lora_search"): {"pruner": "NearestTrialBoundPruner", "sampler": "TPESampler",
                                "params": ["optim.lr", "peft.r", "optim.warmup_ratio"], "lora_scaling": 1.0},
@@ -144,11 +147,14 @@ def refusal(group: str, option: str) -> str | None:
                 "(model.name_or_path a hub id or a local save_pretrained directory)")
     if (group, option) == ("strategy", "deepspeed_zero3") and not DEEPSPEED:
         return "strategy deepspeed_zero3 needs the deepspeed package: pip install 'tunelab[deepspeed]'"
-    wanted = {("strategy", "fsdp"): 1, ("strategy", "fsdp8"): 8, ("strategy", "deepspeed_zero3"): 1}.get((group, option), 0)
+    wanted = {("strategy", "fsdp1"): 1, ("strategy", "fsdp8"): 8, ("strategy", "deepspeed_zero3"): 1}.get((group, option), 0)
     if wanted > gpus:
         return f"strategy {option} needs {wanted} GPUs, found {gpus}"
     if (group, option) == ("precision", "16_mixed") and gpus == 0:
         return "precision 16_mixed needs a GPU (fp16 autocast); on CPU use precision=bf16_mixed or 32_true"
+    if (group, option) == ("precision", "fp8") and gpus == 0:
+        return ("precision=fp8 needs an NVIDIA GPU with float8 matmuls (compute capability 8.9+: H100, H200, L4); this "
+                "run is on the CPU: use precision=bf16_true, or precision.float8.emulate=true to check float8 numerics slowly")
     return None
 
 
@@ -372,6 +378,9 @@ def builds_strategy(cfg, expected, tokenizer):
     if kind is FSDPStrategy:  # one unit per decoder layer, parameters kept on the GPU, no activation checkpointing
         assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
         assert not strategy.cpu_offload.offload_params and not strategy._activation_checkpointing_kwargs
+    if kind is FSDP2Strategy:  # the same plan (tests/test_fsdp2.py shards by it), in the model's own dtype
+        assert strategy.auto_wrap == "decoder_layers" and not strategy.cpu_offload and not strategy.activation_checkpointing
+        assert strategy.mixed_precision.param_dtype is None
 
 
 def builds_sweep(cfg, expected, tokenizer):

@@ -91,8 +91,10 @@ def test_kernels_default_to_the_plain_path_on_cpu_and_pick_compile_or_liger_ops(
     assert resolve_kernels(compose_config(gpu, tmp_path, tmp_path)) == on_gpu
     eager = resolve_kernels(compose_config([*gpu, "kernels.compile=none"], tmp_path, tmp_path))
     assert eager["fused_ops"] == ("liger" if liger else "none")
-    fsdp_lora = compose_config([*gpu, "strategy=fsdp", "peft=lora"], tmp_path, tmp_path)
-    assert resolve_kernels(fsdp_lora)["compile"] == "none"  # untested there: eager layers
+    fsdp_lora = compose_config([*gpu, "strategy=fsdp1", "peft=lora"], tmp_path, tmp_path)
+    assert resolve_kernels(fsdp_lora)["compile"] == "none"  # FSDP1 flat parameters: eager layers
+    fsdp2_lora = compose_config([*gpu, "strategy=fsdp", "peft=lora"], tmp_path, tmp_path)
+    assert resolve_kernels(fsdp2_lora)["compile"] == "layers"  # FSDP2 compiles each layer it shards
     assert resolve_kernels(compose_config([], tmp_path, tmp_path)) == (on_gpu if torch.cuda.is_available() else on_cpu)
 
 

@@ -101,7 +101,7 @@ def test_an_emulated_float8_run_follows_bf16_closely_and_keeps_its_checkpoint_ke
 
 @pytest.mark.parametrize("overrides, message", [
     (["peft=qlora"], "precision=fp8 does not combine with peft=qlora"),
-    (["strategy=fsdp"], "precision=fp8 does not run under strategy=fsdp"),
+    (["strategy=fsdp1"], "precision=fp8 does not run under strategy=fsdp1"),
     (["precision.value=bf16-mixed"], "precision=fp8 trains bfloat16 weights with float8 matmuls: it needs precision.value=bf16-true"),
 ])
 def test_float8_refuses_what_it_cannot_combine_with(tmp_path, dataset_cache, overrides, message):

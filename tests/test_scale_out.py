@@ -117,13 +117,13 @@ def test_two_node_torchrun_on_localhost_runs_the_same_job(tmp_path, dataset_cach
 
 
 @pytest.mark.parametrize("args, message", [
-    (["strategy=fsdp", "strategy.accelerator=cpu"], "strategy fsdp needs GPUs"),
+    (["strategy=fsdp1", "strategy.accelerator=cpu"], "strategy fsdp1 needs GPUs"),
     pytest.param(["strategy=fsdp8"], "strategy fsdp8 needs 8 GPUs, found 0",
                  marks=pytest.mark.skipif(may_have_gpus(), reason="counts this machine's GPUs, which may be there")),
     (["strategy.name=ddp_typo"], "strategy.name=ddp_typo is not a Lightning strategy"),
     (["trainer.num_nodes=2"], "trainer.num_nodes=2 needs a multi-node launch"),
     (["strategy=fsdp", "strategy.auto_wrap=everything"], "strategy.auto_wrap=everything is not one of"),
-    (["strategy=fsdp", "peft=lora", "strategy.state_dict_type=full"], "peft=lora under strategy=fsdp writes sharded checkpoints only"),
+    (["strategy=fsdp1", "peft=lora", "strategy.state_dict_type=full"], "peft=lora under strategy=fsdp1 writes sharded checkpoints only"),
 ])
 def test_bad_placement_fails_with_one_line_before_any_process_starts(tmp_path, dataset_cache, args, message):
     result = subprocess.run([sys.executable, "train.py", *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT,
@@ -151,7 +151,7 @@ def test_fsdp_wraps_the_decoder_layer_class_of_whatever_model_is_loaded(model_ty
 
     from tunelab.strategy import build_strategy
 
-    fsdp = OmegaConf.load(ROOT / "conf" / "strategy" / "fsdp.yaml")
+    fsdp = OmegaConf.load(ROOT / "conf" / "strategy" / "fsdp1.yaml")
     fsdp.activation_checkpointing = True
     config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, num_key_value_heads=2)

@@ -8,8 +8,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from omegaconf import DictConfig
+from torch.distributed.tensor import DTensor
 
 from tunelab.targets import build_target
+
+
+def gradient_norm(grads: list[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The norm of `grads` taken together, in float32, the same on every rank: FSDP2's gradients are shards
+    (DTensors), whose norms are summed over the ranks (a collective: every rank must call it)."""
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, norm_type, dtype=torch.float32)), norm_type)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
 class GradNormMonitor(pl.Callback):
@@ -26,8 +34,7 @@ class GradNormMonitor(pl.Callback):
         for i, group in enumerate(optimizer.param_groups):
             grads = [p.grad for p in group["params"] if p.grad is not None]
             if grads:
-                per_tensor = torch._foreach_norm(grads, self.norm_type, dtype=torch.float32)
-                norms[f"grad_norm/{group.get('name', i)}"] = torch.linalg.vector_norm(torch.stack(per_tensor), self.norm_type)
+                norms[f"grad_norm/{group.get('name', i)}"] = gradient_norm(grads, self.norm_type)
         if norms:
             norms["grad_norm/total"] = torch.linalg.vector_norm(torch.stack(list(norms.values())), self.norm_type)
             pl_module.log_dict(norms, on_step=True, on_epoch=False)
@@ -62,8 +69,7 @@ class DivergenceGuard(pl.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, dtype=torch.float32))) if grads else \
-            torch.zeros((), device=pl_module.device)
+        norm = gradient_norm(grads) if grads else torch.zeros((), device=pl_module.device)
         self._grad_norm = norm
         if self.action == "skip" and not torch.isfinite(norm):
             for group in optimizer.param_groups:

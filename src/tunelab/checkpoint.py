@@ -10,7 +10,7 @@ import torch
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, Strategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from omegaconf import DictConfig
 from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
 
@@ -134,12 +134,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def writes_checkpoint_directories(strategy: Strategy) -> bool:
     """Strategies that write a checkpoint as a directory, with their own code rather than the CheckpointIO."""
-    sharded_fsdp = isinstance(strategy, FSDPStrategy) and strategy._state_dict_type == "sharded"
-    return sharded_fsdp or isinstance(strategy, DeepSpeedStrategy)
+    if isinstance(strategy, FSDPStrategy):
+        return strategy._state_dict_type == "sharded"
+    if isinstance(strategy, ModelParallelStrategy):  # FSDP2 (tunelab.fsdp2): torch.distributed.checkpoint's shards
+        return strategy._save_distributed_checkpoint
+    return isinstance(strategy, DeepSpeedStrategy)
 
 
 def stage_directory_checkpoints(strategy: Strategy) -> None:
-    """Sharded FSDP and DeepSpeed write each checkpoint into its directory in place, over the previous one (every rank
+    """Sharded FSDP (1 and 2) and DeepSpeed write each checkpoint into its directory in place, over the previous one (every rank
     its shard, then rank 0 the metadata): a kill mid-write left a mix of two checkpoints under the name `ckpt_path=last`
     resumes. Their saves now write a staging directory, which rank 0 swaps in once every rank is done."""
     if not writes_checkpoint_directories(strategy):
@@ -166,7 +169,13 @@ def gather_fsdp_weights(wrapped: torch.nn.Module) -> dict[str, torch.Tensor] | N
     """The whole model's weights, gathered from every FSDP shard into rank 0's CPU memory (other ranks get an empty
     dict), keyed as the transformers/PEFT model's own state_dict. `wrapped`: the strategy's model, FSDP around the
     LightningModule whose `model` is the transformers/PEFT one. Every rank must call it: each sends its shard.
-    None where the model is not wrapped by FSDP, so rank 0 already holds all of it."""
+    None where the model is not sharded, so rank 0 already holds all of it. FSDP2 shards the LightningModule's model
+    in place (tunelab.fsdp2), with the model's own parameter names."""
+    from tunelab.fsdp2 import gather_full_state, is_sharded
+
+    model = getattr(wrapped, "model", None)
+    if isinstance(model, torch.nn.Module) and is_sharded(model):
+        return gather_full_state(model)
     if not isinstance(wrapped, FullyShardedDataParallel):
         return None
     # Offloading a CPU-resident model frees the storage it copies from (gloo runs crash with "setStorage").

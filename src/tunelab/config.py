@@ -22,7 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tunelab.precision import FLOAT8_LAYERS, FLOAT8_RECIPES, float8_gpu_problem, precision_warnings
 from tunelab.kernel_choice import COMPILES, FUSED_OPS, LOSSES, liger_available, resolve_kernels
-from tunelab.strategy import AUTO_WRAP_CHOICES, gpu_count, is_known_strategy, runs_on_gpu, strategy_devices
+from tunelab.strategy import (AUTO_WRAP_CHOICES, gpu_count, is_fsdp2, is_known_strategy, runs_on_gpu, shards_parameters,
+                              strategy_devices)
 from tunelab.tiny_task import TINY_SOURCES
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,8 @@ FIELDS: dict[str, Rule | OneOf | ListOf | AnyOf] = {
     "strategy.activation_checkpointing": Rule(bool),
     "strategy.cpu_offload": Rule(bool),
     "strategy.state_dict_type": OneOf("full", "sharded"),
+    "strategy.param_dtype": OneOf("auto", None, "float32", "bfloat16"),
+    "strategy.reduce_dtype": OneOf("auto", None, "float32", "bfloat16"),
     "strategy.find_unused_parameters": Rule(bool),
     "strategy.stage": OneOf(0, 1, 2, 3),
     "strategy.offload_optimizer": Rule(bool),
@@ -420,7 +423,8 @@ def check_peft(cfg: DictConfig) -> None:
                               "(model.name_or_path a hub id or a local save_pretrained directory)")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("peft=qlora needs the bitsandbytes package: pip install 'tunelab[qlora]'")
-        if str(cfg.strategy.get("_target_", "")).endswith(("FSDPStrategy", "DeepSpeedStrategy")):
+        # FSDP2 shards DTensors, and bitsandbytes' 4-bit Params4bit is no tensor subclass DTensor can wrap.
+        if shards_parameters(cfg.strategy):
             raise ConfigError(f"peft=qlora does not run under strategy={cfg.strategy.name}: use strategy=auto (one device) or strategy=ddp")
 
 
@@ -496,10 +500,9 @@ def check_float8(cfg: DictConfig) -> None:
     if cfg.peft and cfg.peft.get("quantize_base") is not None:
         raise ConfigError(f"precision={name} does not combine with peft=qlora: the 4-bit base's matmuls are "
                           "bitsandbytes kernels, not float8 ones; use peft=lora (float8 base, bf16 adapters) or precision=bf16_true")
-    target = str(cfg.strategy.get("_target_", ""))
-    if target.endswith(("FSDPStrategy", "DeepSpeedStrategy")):
+    if shards_parameters(cfg.strategy) and not is_fsdp2(cfg.strategy):
         raise ConfigError(f"precision={name} does not run under strategy={cfg.strategy.name} (its flat parameters hide "
-                          "the float8 layers' weights): use strategy=auto or strategy=ddp")
+                          "the float8 layers' weights): use strategy=fsdp (FSDP2), strategy=auto or strategy=ddp")
     if importlib.util.find_spec("torchao") is None:
         raise ConfigError(f"precision={name} needs the torchao package: pip install 'tunelab[gpu]'")
     if cfg.precision.float8.emulate:
@@ -525,6 +528,9 @@ def check_sharding(strategy: DictConfig, uses_gpu: bool) -> None:
     target = str(strategy.get("_target_", ""))
     if target.endswith(("FSDPStrategy", "DeepSpeedStrategy")) and not uses_gpu:
         raise ConfigError(f"strategy {strategy.name} needs GPUs (Lightning's FSDP and DeepSpeed refuse CPU); on CPU use strategy=ddp trainer.accelerator=cpu")
+    if is_fsdp2(strategy) and strategy.get("cpu_offload") and not uses_gpu:
+        raise ConfigError(f"strategy.cpu_offload=true keeps {strategy.name}'s GPU state in CPU memory; this run is on the "
+                          "CPU already: set strategy.cpu_offload=false")
     if target.endswith("DeepSpeedStrategy") and importlib.util.find_spec("deepspeed") is None:
         raise ConfigError(f"strategy {strategy.name} needs the deepspeed package: pip install 'tunelab[deepspeed]'")
 
@@ -533,7 +539,7 @@ def check_fsdp_adapters(cfg: DictConfig) -> None:
     """A LoRA model's FSDP units hold flat parameters (tunelab.strategy), and Lightning can re-key a full optimizer
     state only by original parameters: it stops at the first checkpoint (seen on 2 H100s)."""
     if cfg.peft and str(cfg.strategy.get("_target_", "")).endswith("FSDPStrategy") and cfg.strategy.get("state_dict_type") == "full":
-        raise ConfigError("peft=lora under strategy=fsdp writes sharded checkpoints only: set strategy.state_dict_type=sharded "
+        raise ConfigError(f"peft=lora under strategy={cfg.strategy.name} writes sharded checkpoints only: set strategy.state_dict_type=sharded "
                           "(the export at the end of the run is still whole)")
 
 
@@ -617,8 +623,7 @@ def check_preference(cfg: DictConfig) -> None:
     if reference == "adapter" and not cfg.peft:
         raise ConfigError("module.reference=adapter needs an adapter to switch off: use peft=lora, or "
                           "module.reference=auto (a frozen copy for a full fine-tune)")
-    sharded = str(cfg.strategy.get("_target_", "")).endswith(("FSDPStrategy", "DeepSpeedStrategy"))
-    if sharded and not cfg.peft and reference in ("auto", "copy"):
+    if shards_parameters(cfg.strategy) and not cfg.peft and reference in ("auto", "copy"):
         raise ConfigError(f"module=dpo under strategy={cfg.strategy.name} would keep a whole frozen copy of the model "
                           "on every GPU as its reference: set module.reference=precomputed")
     if data.get("packing"):

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from tunelab.callbacks import TrainingDiverged
 from tunelab.data.chat import TemplateRewritesTurns
+from tunelab.strategy import shards_parameters
 
 # How CUDA libraries report an allocation that failed; cuBLAS's comes as a plain RuntimeError.
 OUT_OF_MEMORY_MARKERS = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
@@ -28,7 +29,7 @@ def out_of_memory_advice(cfg: DictConfig, trainer: Trainer) -> str:
         fixes.append("set data.packing=true (no padding)")
     if not cfg.peft:
         fixes.append("train adapters only (peft=lora)")
-    if not str(cfg.strategy.get("_target_", "")).endswith(("FSDPStrategy", "DeepSpeedStrategy")) and trainer.world_size > 1:
+    if not shards_parameters(cfg.strategy) and trainer.world_size > 1:
         fixes.append("shard the model over the GPUs (strategy=fsdp)")
     memory = ""
     if torch.cuda.is_available():

@@ -24,7 +24,7 @@ def resolve_kernels(cfg: DictConfig) -> dict[str, str]:
     strategy, adapters). liger's RMSNorm and SwiGLU are Triton kernels that torch.compile cannot trace into a layer's
     graph, so `auto` takes them only where layers stay eager; compiled layers were faster on one H100 (BENCHMARKS.md,
     fast path). Layers stay eager where compiling them is untested: over a 4-bit base (bitsandbytes kernels) and
-    for adapters under FSDP (flat, non-original parameters)."""
+    for adapters under FSDP1 (flat, non-original parameters); FSDP2 shards each compiled layer as it is."""
     kernels = cfg.kernels
     on_gpu = runs_on_gpu(cfg.strategy, cfg.trainer)
     liger = on_gpu and liger_available()

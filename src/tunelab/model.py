@@ -48,14 +48,15 @@ def build_model(cfg: DictConfig, precision_cfg: DictConfig, tokenizer: PreTraine
                 device: torch.device | None = None) -> PreTrainedModel:
     """`packed`: the training batches are packed rows (data.packing), so attention must keep their examples apart.
     `device`: where a randomly initialised model is built (tunelab.strategy.build_device); None: the current default
-    device (the CPU, or whatever `with torch.device(...)` the caller is in)."""
+    device (the CPU, or whatever `with torch.device(...)` the caller is in). The meta device builds any model,
+    pretrained too, as its architecture alone: an FSDP2 rank whose shards rank 0's weights fill."""
     dtype = model_dtype(cfg, precision_cfg)
     attention = cfg.attn_implementation
     if packed or attention == "sdpa":
         from tunelab.packing import TRAINING_ATTENTION
 
         attention = TRAINING_ATTENTION
-    if cfg.init == "pretrained":
+    if cfg.init == "pretrained" and not (device is not None and torch.device(device).type == "meta"):
         placement = {"quantization_config": quantization, "device_map": quantized_device_map()} if quantization else {}
         model = AutoModelForCausalLM.from_pretrained(
             cfg.name_or_path,

@@ -70,6 +70,12 @@ class CausalLMModule(pl.LightningModule):
     def forward(self, **batch):
         return self.model(**batch)
 
+    def configure_model(self) -> None:
+        """strategy=fsdp shards the model here, once the ranks and their device mesh exist (tunelab.fsdp2)."""
+        shard = getattr(self.trainer.strategy, "shard", None)
+        if shard is not None:
+            shard(self.model)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.loss(self.model, batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].size(0))

@@ -11,6 +11,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from tunelab.data import IGNORE_INDEX
 from tunelab.generation import greedy_answer
+from tunelab.strategy import shards_model
 
 METRIC = "val/generated_exact_match"
 TABLE = "generation_samples.json"  # an MLflow table (log_table), which the UI's Artifact evaluation view compares
@@ -80,7 +81,7 @@ class GenerationSamples(pl.Callback):
             self.prompts = fixed_prompts(rows, tokenizer.eos_token_id, self.count)
         if not self.prompts:
             return
-        sharded = trainer.world_size > 1 and type(trainer.strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy")
+        sharded = trainer.world_size > 1 and shards_model(trainer.strategy)
         with generation_context(trainer.strategy.model):
             answers = [greedy_answer(model, prompt, tokenizer.eos_token_id, tokenizer.pad_token_id,
                                      self.max_new_tokens, pl_module.device, synced_gpus=sharded)

@@ -1,8 +1,9 @@
 """Builds the `strategy` group: a Lightning strategy plus the devices it runs on.
 
-FSDP options get two tunelab keys on top of FSDPStrategy's own arguments: `auto_wrap: decoder_layers` wraps each
-decoder layer of whatever model is loaded (the classes transformers lists in `_no_split_modules`), and
-`activation_checkpointing: true` recomputes those same layers in the backward pass.
+`fsdp` and `fsdp8` are FSDP2 (tunelab.fsdp2.FSDP2Strategy); `fsdp1` is Lightning's FSDPStrategy (FSDP1), which gets
+two tunelab keys on top of its own arguments: `auto_wrap: decoder_layers` wraps each decoder layer of whatever model is
+loaded (the classes transformers lists in `_no_split_modules`), and `activation_checkpointing: true` recomputes those
+same layers in the backward pass.
 
 Validation reads the placement functions here before anything heavy loads, so torch and Lightning are imported only
 inside the functions that build (`gpu_count` asks torch only where a GPU can exist).
@@ -37,6 +38,9 @@ LIGHTNING_STRATEGIES = (
     "deepspeed_stage_3_offload_nvme", "fsdp", "fsdp_cpu_offload", "single_device", "single_tpu", "single_xla", "xla",
     "xla_debug",
 )
+# The strategies that shard parameters over ranks (no rank holds the whole model after setup).
+FSDP1_TARGET, FSDP2_TARGET = "lightning.pytorch.strategies.FSDPStrategy", "tunelab.fsdp2.FSDP2Strategy"
+SHARDING_TARGETS = (FSDP1_TARGET, FSDP2_TARGET, "lightning.pytorch.strategies.DeepSpeedStrategy")
 # Device nodes without which no process sees a GPU: NVIDIA's driver, WSL's GPU paravirtualisation, AMD's ROCm.
 GPU_DEVICE_NODES = ("/dev/nvidia[0-9]*", "/dev/dxg", "/dev/kfd")
 
@@ -70,15 +74,45 @@ def runs_on_gpu(cfg: DictConfig, trainer_cfg: DictConfig) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and gpu_count() > 0)
 
 
+def strategy_target(cfg: DictConfig) -> str:
+    return str(cfg.get("_target_", ""))
+
+
+def shards_parameters(cfg: DictConfig) -> bool:
+    """Whether the strategy option shards the model's parameters over its ranks (FSDP2, FSDP1, DeepSpeed)."""
+    return strategy_target(cfg) in SHARDING_TARGETS
+
+
+def is_fsdp2(cfg: DictConfig) -> bool:
+    return strategy_target(cfg) == FSDP2_TARGET
+
+
+def shards_model(strategy: Strategy) -> bool:
+    """Whether a built strategy holds only a shard of the model on each rank, so that every forward needs all ranks."""
+    return type(strategy).__name__ in ("FSDPStrategy", "FSDP2Strategy", "DeepSpeedStrategy")
+
+
+def launch_rank() -> int:
+    """This process's global rank before any process group exists: torchrun's RANK, SLURM's task id, or Lightning's
+    launcher's LOCAL_RANK (its first process, which starts the others, has none: rank 0)."""
+    for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 def build_device(cfg: DictConfig, on_gpu: bool) -> torch.device | None:
-    """Where a randomly initialised model is built: straight on this process's GPU (LOCAL_RANK, as torchrun and
+    """Where the model is built. FSDP2: on rank 0's CPU, and on the meta device (no memory) on every other rank, whose
+    shards rank 0 then fills (tunelab.fsdp2). Otherwise straight on this process's GPU (LOCAL_RANK, as torchrun and
     Lightning's launcher set it) when the strategy keeps a whole copy on each, which initialises a 1B model in a
-    second instead of half a minute on the CPU; None (the CPU) for sharding strategies, which shard from there."""
-    sharded = str(cfg.get("_target_", "")).endswith(("FSDPStrategy", "DeepSpeedStrategy"))
-    if not on_gpu or sharded:
-        return None
+    second instead of half a minute on the CPU; None (the CPU) for the other sharding strategies, which shard from
+    there."""
     import torch
 
+    if is_fsdp2(cfg):
+        return None if launch_rank() == 0 else torch.device("meta")
+    if not on_gpu or shards_parameters(cfg):
+        return None
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
@@ -119,10 +153,23 @@ def wrap_policy(layers: set[type[torch.nn.Module]], model: torch.nn.Module):
     return CustomPolicy(lambda module: type(module) in layers or is_trainable_leaf(module))
 
 
-def build_strategy(cfg: DictConfig, model: torch.nn.Module | None = None) -> Strategy | str:
+def fsdp2_dtypes(cfg: DictConfig, precision: str) -> dict[str, str | None]:
+    """FSDP2's mixed-precision policy from the precision group where the option says `auto`: under bf16_mixed the
+    parameters stay float32 (the optimizer's master copy) and are gathered for compute in bfloat16, with gradients
+    reduced in float32; otherwise parameters compute and reduce in their own dtype (bf16_true: bfloat16)."""
+    mixed = precision == "bf16-mixed"
+    dtypes = {"param_dtype": "bfloat16" if mixed else None, "reduce_dtype": "float32" if mixed else None}
+    return {key: auto if cfg.get(key, "auto") == "auto" else cfg.get(key) for key, auto in dtypes.items()}
+
+
+def build_strategy(cfg: DictConfig, model: torch.nn.Module | None = None, precision: str = "32-true") -> Strategy | str:
     if "_target_" not in cfg:
         return cfg.name
     arguments = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in PLACEMENT_KEYS}
+    if is_fsdp2(cfg):
+        from tunelab.fsdp2 import FSDP2Strategy
+
+        return FSDP2Strategy(**{**{k: v for k, v in arguments.items() if k != "_target_"}, **fsdp2_dtypes(cfg, precision)})
     auto_wrap = arguments.pop("auto_wrap", None)
     checkpointing = arguments.pop("activation_checkpointing", False)
     from_model = {}

@@ -42,7 +42,7 @@ def build_trainer(cfg: DictConfig, callbacks: list[pl.Callback], logger: Logger 
     kwargs.update(
         accelerator=strategy_accelerator(cfg.strategy, cfg.trainer),
         devices=strategy_devices(cfg.strategy, cfg.trainer),
-        strategy=build_strategy(cfg.strategy, model),
+        strategy=build_strategy(cfg.strategy, model, cfg.precision.value),
         precision=cfg.precision.value,
         plugins=[AtomicCheckpointIO()],  # every checkpoint file whole or absent, whatever kills the run
         callbacks=callbacks,

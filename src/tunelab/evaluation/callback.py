@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tunelab.callbacks import ObjectiveTracker, within_fit
 from tunelab.config import ConfigError
 from tunelab.evaluation.harness import Distribution, check_tasks, evaluate
+from tunelab.strategy import shards_model
 from tunelab.evaluation.results import (BASE_RESULTS_FILE, PREFIX, RESULTS_FILE, against_base, base_key, load_base,
                                         metric_values, save_base, summary_lines, to_json)
 
@@ -106,7 +107,7 @@ class BenchmarkEvaluation(pl.Callback):
         from tunelab.samples import generation_context
 
         model = pl_module.model
-        sharded = type(trainer.strategy).__name__ in ("FSDPStrategy", "DeepSpeedStrategy")
+        sharded = shards_model(trainer.strategy)
         distribution = Distribution(trainer.world_size, trainer.global_rank, sharded)
         adapter_off = model.disable_adapter() if base and hasattr(model, "disable_adapter") else nullcontext()
         with generation_context(trainer.strategy.model), adapter_off:

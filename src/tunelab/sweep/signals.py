@@ -27,7 +27,7 @@ import torch
 from tunelab.module import restore_rng_states, rng_states
 
 SHAPES = ("linear", "1-sqrt")
-UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "FSDP2Strategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 
 
 def takes_signal(trainer: pl.Trainer) -> bool:
