@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 4/5's GPU figures on every GPU of the machine (N = nvidia-smi's count) against one GPU, in the same call:
-#   fsdp_1 / fsdp_N        full fine-tune under strategy=fsdp, sharded checkpoint; fsdp_N_resumed goes on from it
+#   fsdp_1 / fsdp_N        full fine-tune under strategy=fsdp (FSDP2), sharded checkpoint; fsdp_N_resumed goes on from it
 #   fsdp_N_full            state_dict_type=full checkpoint and an export gathered from all shards; then resumed
 #   lora_1 / ddp_lora_N    LoRA, strategy=auto on one GPU, strategy=ddp on N
 #   qlora / qlora_resumed  peft=qlora on one GPU over a locally saved random llama1b (4-bit NF4 as it loads)

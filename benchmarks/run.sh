@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # `make bench`: the throughput/memory benchmark for the machine at hand. With GPUs, the Llama-3.2-1B architecture
-# (gpu_scale_out.sh on 2+; on one, gpu_fast_path.sh: tunelab against hand-written loops, fixed and real-length data);
+# (gpu_scale_out.sh on 2+; on one, gpu_fast_path.sh: tunelab against hand-written loops, fixed and real-length data,
+# FP8, Llama-3.1-8B LoRA; then gpu_fsdp_one_gpu.sh);
 # without one, the embedded default job on the CPU.
 # Record what you report in BENCHMARKS.md with the date, command, machine and versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then
-  # Two GPUs or more: every GPU against one (benchmarks/gpu_scale_out.sh, with QLoRA); one GPU: the fast path.
+  # Two GPUs or more: every GPU against one (benchmarks/gpu_scale_out.sh, with QLoRA); one GPU: the fast path (FP8
+  # and Llama-3.1-8B included), then FSDP2 on one device against FSDP1 and the auto path.
   [ "$(nvidia-smi -L | wc -l)" -gt 1 ] && exec bash benchmarks/gpu_scale_out.sh
-  exec bash benchmarks/gpu_fast_path.sh
+  bash benchmarks/gpu_fast_path.sh
+  exec bash benchmarks/gpu_fsdp_one_gpu.sh
 fi
 RUN=${RUN:-/tmp/tunelab-cpu-bench}
 rm -rf "$RUN"
