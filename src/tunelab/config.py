@@ -423,9 +423,10 @@ def check_peft(cfg: DictConfig) -> None:
                               "(model.name_or_path a hub id or a local save_pretrained directory)")
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ConfigError("peft=qlora needs the bitsandbytes package: pip install 'tunelab[qlora]'")
-        # FSDP2 shards DTensors, and bitsandbytes' 4-bit Params4bit is no tensor subclass DTensor can wrap.
         if shards_parameters(cfg.strategy):
-            raise ConfigError(f"peft=qlora does not run under strategy={cfg.strategy.name}: use strategy=auto (one device) or strategy=ddp")
+            raise ConfigError(f"peft=qlora does not run under strategy={cfg.strategy.name}: use strategy=auto (one device) or "
+                              "strategy=ddp (a sharding strategy splits each weight over the ranks, and bitsandbytes' "
+                              "4-bit weights cannot be split: FSDP2's DTensor cannot wrap them, FSDP1 and ZeRO-3 flatten them)")
 
 
 def check_kernels(cfg: DictConfig) -> None:
