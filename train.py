@@ -33,7 +33,7 @@ def main(cfg: DictConfig) -> float:
         from tunelab.model import build_model, count_parameters
         from tunelab.module import build_module
         from tunelab.peft import apply_peft, base_quantization
-        from tunelab.float8 import apply_float8
+        from tunelab.precision import apply_float8
         from tunelab.preemption import Preempted, requeue_slurm_job
         from tunelab.report import finish_run
         from tunelab.strategy import build_device, runs_on_gpu

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from tests.conftest import FAST, compose_config, run_train
 from tunelab.config import ConfigError, check_float8
 from tunelab.model import architecture_config, build_tokenizer
-from tunelab.float8 import apply_float8
+from tunelab.precision import apply_float8
 from tunelab.strategy import may_have_gpus
 
 EMULATED = ["precision=fp8", "precision.float8.emulate=true", "precision.float8.layers=all"]

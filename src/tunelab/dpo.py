@@ -132,10 +132,10 @@ def sequence_logps(model: nn.Module, batch: dict, chunk_size: int | None = None)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         token_logps = logits.log_softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
         return (token_logps * labelled).sum(1), counts
-    from tunelab.kernels import decoder_and_head
+    from tunelab.kernels import decoder_output
 
-    decoder, head = decoder_and_head(model)
-    hidden = decoder(**forward_inputs(batch), use_cache=False).last_hidden_state[:, :-1]
+    hidden, head = decoder_output(model, forward_inputs(batch))
+    hidden = hidden[:, :-1]
     rows, columns = labelled.nonzero(as_tuple=True)
     token_logps = ChunkedTargetLogProbs.apply(hidden[rows, columns], head.weight, targets[rows, columns], chunk_size)
     return token_logps.new_zeros(labels.size(0)).index_add(0, rows, token_logps), counts

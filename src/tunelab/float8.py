@@ -48,13 +48,9 @@ class Float8TrainingLinear(Float8Linear):
         return nn.functional.linear(input, self.weight, self.bias)
 
 
-def apply_float8(model: nn.Module, precision: DictConfig) -> nn.Module:
-    """The model with float8 matmuls in its chosen linear layers (in place; state_dict keys unchanged), or the model
-    as it is where the precision option asks for none. Call it after the adapters are added (their matrices must be
-    told apart from the base's) and before layers are compiled."""
-    options = precision.get("float8")
-    if not options:
-        return model
+def convert_to_float8(model: nn.Module, options: DictConfig) -> nn.Module:
+    """The model with float8 matmuls in the linear layers `options` (precision.float8) choose, in place; state_dict
+    keys unchanged."""
     head = model.get_output_embeddings()
     fits_recipe = _auto_filter_for_recipe(options.recipe, filter_fqns=[])
     kept = {"output projection": 0, "adapter": 0, "size": 0}

@@ -20,6 +20,7 @@ from types import MethodType
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from tunelab.data import IGNORE_INDEX, model_inputs
 
@@ -116,9 +117,25 @@ class FusedLinearLoss:
 
 
 def last_hidden_state(model: nn.Module, batch: dict) -> tuple[torch.Tensor, nn.Linear]:
+    return decoder_output(model, {k: v for k, v in model_inputs(batch).items() if k != "labels"})
+
+
+def decoder_output(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, nn.Linear]:
+    """The decoder's last hidden state for `inputs`, and the output projection to apply to it.
+
+    Under FSDP2 the model itself is called: its forward hooks gather the weights the root unit holds (embeddings, final
+    norm, output projection), which a call to the decoder alone would leave sharded, and they stay gathered for the
+    loss and its backward. The head then computes the logits of one position only."""
     decoder, head = decoder_and_head(model)
-    inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
-    return decoder(**inputs, use_cache=False).last_hidden_state, head
+    if not isinstance(model, FSDPModule):
+        return decoder(**inputs, use_cache=False).last_hidden_state, head
+    hidden = []
+    hook = decoder.register_forward_hook(lambda module, args, output: hidden.append(output.last_hidden_state))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return hidden[0], head
 
 
 def liger_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

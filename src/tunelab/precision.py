@@ -3,8 +3,12 @@ of the machine. tunelab.float8 builds the float8 layers (it imports torch and to
 config checks before anything heavy loads)."""
 
 import logging
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -33,3 +37,15 @@ def float8_gpu_problem() -> str | None:
         return (f"{torch.cuda.get_device_name()} has compute capability {major}.{minor}; float8 matmuls need 8.9 or "
                 "newer (H100, H200, L4, RTX 4090)")
     return None
+
+
+def apply_float8(model: "nn.Module", precision: DictConfig) -> "nn.Module":
+    """The model with float8 matmuls where precision=fp8 asks for them, else the model as it is (torchao is imported
+    only then). Call it after the adapters are added (their matrices must be told apart from the base's) and before
+    layers are compiled."""
+    options = precision.get("float8")
+    if not options:
+        return model
+    from tunelab.float8 import convert_to_float8
+
+    return convert_to_float8(model, options)
