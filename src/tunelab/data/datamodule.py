@@ -68,6 +68,8 @@ class InstructionDataModule(pl.LightningDataModule):
         train_on: str = "all_assistant",
         truncation: str = "cut_turns",
         sources: list | None = None,
+        streaming: bool = False,  # build_datamodule builds tunelab.data.stream_datamodule's module where it is true
+        shuffle_block: int | None = None,  # data.streaming's shuffle (tunelab.data.streaming)
     ):
         super().__init__()
         self.tokenizer = tokenizer
@@ -197,6 +199,13 @@ class InstructionDataModule(pl.LightningDataModule):
 def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> pl.LightningDataModule:
     """`data._target_` (tunelab's or the user's own LightningDataModule, tunelab.targets) with the option's keys and
     the tokenizer."""
+    if cfg.get("streaming"):
+        from omegaconf import OmegaConf
+
+        from tunelab.data.stream_datamodule import StreamingDataModule
+
+        options = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("_target_", "streaming")}
+        return StreamingDataModule(tokenizer=tokenizer, **options)
     return build_target("data", cfg, tokenizer=tokenizer)
 
 
