@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.config import ConfigError, one_line, show
+from tunelab.errors import ConfigError, one_line, show
 from tunelab.tiny_task import TINY_SOURCES
 
 FORMAT_FIELDS = {
@@ -47,7 +47,7 @@ def check_inputs(cfg: DictConfig, tokenizer) -> None:
 # ---- data ----------------------------------------------------------------------------------------------------------
 
 def check_data_rows(data: DictConfig, tokenizer, key: str = "data") -> None:
-    from tunelab.config import PREFERENCE_DATA
+    from tunelab.config.training import PREFERENCE_DATA
 
     if data.get("_target_") == PREFERENCE_DATA:  # prompt, chosen, rejected (module=dpo)
         from tunelab.data.preference import check_pair_rows

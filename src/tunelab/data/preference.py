@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.chat import Encoded, encode_chat, special_ids
 from tunelab.data.datamodule import InstructionDataModule, load_rows
 from tunelab.data.formats import IGNORE_INDEX, TOKENIZATION_VERSION, tokenizer_fingerprint
-from tunelab.config import ConfigError
+from tunelab.errors import ConfigError
 from tunelab.data.rows import count_fates, encode_alpaca, fit_to_length, report_rows
 from tunelab.data.samplers import resumable_sampler
 from tunelab.tiny_task import OPERATIONS, SHORT_WORDS, make_example

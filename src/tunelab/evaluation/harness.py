@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.config import ConfigError, one_line
+from tunelab.errors import ConfigError, one_line
 from tunelab.evaluation.local_tasks import local_task_configs, task_dir
 
 if TYPE_CHECKING:
