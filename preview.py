@@ -17,7 +17,8 @@ def main(cfg: DictConfig) -> None:
         validate_config(cfg)
         from tunelab.data import build_datamodule
         from tunelab.data.preview import preview_text
-        from tunelab.inputs import check_data_rows, load_tokenizer
+        from tunelab.data.checks import check_data_rows
+        from tunelab.inputs import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
         check_data_rows(cfg.data, tokenizer)

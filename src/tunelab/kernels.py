@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from tunelab.data import IGNORE_INDEX, model_inputs
+from tunelab.decoder_layers import decoder_layer_classes
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +142,6 @@ def build_loss(choice: dict[str, str], model: nn.Module, chunk_size: int):
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    from tunelab.strategy import decoder_layer_classes
-
     classes = decoder_layer_classes(model)
     return [module for module in model.modules() if type(module) in classes]
 

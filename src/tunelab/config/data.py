@@ -1,5 +1,5 @@
 """The data group: where the rows come from, several sources mixed (data.sources), templates and packing. The rows
-themselves are read once the tokenizer is there (tunelab.inputs)."""
+themselves are read once the tokenizer is there (tunelab.data.checks)."""
 
 import re
 from pathlib import Path
