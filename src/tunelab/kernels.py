@@ -69,6 +69,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
                 grad_weight * scale.to(grad_weight.dtype) if grad_weight is not None else None, None, None)
 
 
+def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """kernels.loss=plain: the model's own causal-LM loss, over logits it materialises whole."""
+    return model(**model_inputs(batch), use_cache=False).loss
+
+
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
     """Position t learns token t+1, as transformers' causal-LM loss does; each row's last position learns nothing."""
     return nn.functional.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -132,8 +137,6 @@ def build_loss(choice: dict[str, str], model: nn.Module, chunk_size: int):
     """A callable (model, batch) -> scalar training loss, for the kernels `resolve_kernels` chose."""
     loss = choice["loss"]
     if loss == "plain":
-        from tunelab.module import model_loss
-
         return model_loss
     return FusedLinearLoss(model, chunk_size, use_liger=loss == "liger")
 

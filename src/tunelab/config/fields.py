@@ -200,7 +200,7 @@ FIELDS: dict[str, Rule | OneOf | ListOf | AnyOf] = {
     "trainer.default_root_dir": Rule(str),
 }
 
-# module=dpo's keys (tunelab.dpo); another module's keys of the same names are its own.
+# module=dpo's keys (tunelab.modules.dpo); another module's keys of the same names are its own.
 DPO_FIELDS = {
     "module.beta": Rule(float, "> 0"),
     "module.loss_type": OneOf("sigmoid", "ipo", "robust"),

@@ -12,7 +12,7 @@ from tunelab.errors import ConfigError, show
 from tunelab.strategy import shards_parameters
 
 GENERATED_EXACT_MATCH = "val/generated_exact_match"  # logged by the samples callback (tunelab.samples)
-DPO_MODULE, PREFERENCE_DATA = "tunelab.dpo.DPOModule", "tunelab.data.preference.PreferenceDataModule"
+DPO_MODULE, PREFERENCE_DATA = "tunelab.modules.dpo.DPOModule", "tunelab.data.preference.PreferenceDataModule"
 DPO_METRICS = tuple(f"val/{name}" for name in ("rewards/accuracy", "rewards/margin", "rewards/chosen",
                                                "rewards/rejected", "logps/chosen", "logps/rejected"))  # module=dpo's
 VALIDATION_METRICS = ("val/loss", "val/exact_match", GENERATED_EXACT_MATCH, *DPO_METRICS)
@@ -73,7 +73,7 @@ def is_dpo(cfg: DictConfig) -> bool:
 
 
 def check_preference(cfg: DictConfig) -> None:
-    """module=dpo (tunelab.dpo) and preference pairs (tunelab.data.preference) go together; the DPO keys."""
+    """module=dpo (tunelab.modules.dpo) and preference pairs (tunelab.data.preference) go together; the DPO keys."""
     pairs = cfg.data.get("_target_") == PREFERENCE_DATA
     if pairs and not is_dpo(cfg):
         raise ConfigError(f"data={cfg.data.source} holds preference pairs (prompt, chosen, rejected), which "

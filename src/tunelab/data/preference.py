@@ -1,4 +1,4 @@
-"""Preference pairs → a chosen and a rejected example of the same prompt, for DPO (tunelab.dpo).
+"""Preference pairs → a chosen and a rejected example of the same prompt, for DPO (tunelab.modules.dpo).
 
 A pair row holds `prompt`, `chosen` and `rejected`: plain text (`alpaca`: the prompt fills data.prompt_template as an
 alpaca row's instruction does, with an optional `input`; chosen and rejected are the answers), or a conversation
