@@ -9,6 +9,7 @@ from omegaconf import DictConfig, ListConfig, open_dict
 
 from tunelab.config.fields import EVAL_AUTO, EVAL_FIELDS, check_fields
 from tunelab.errors import ConfigError, show
+from tunelab.strategy import launch_rank
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def check_evaluation(cfg: DictConfig) -> None:
             raise ConfigError(f"objective.metric={metric} is a benchmark score, and benchmark evaluation is off "
                               f"({off or 'eval=none'}): pick an eval option whose eval.tasks lists its task "
                               "(e.g. eval=tiny), or another objective.metric")
-        if line:
+        if line and launch_rank() == 0:  # each rank of a DDP job validates the config: one of them says it
             log.info(line)
         return
     tasks = options.get("tasks")
