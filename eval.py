@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tunelab.config import ConfigError
+from tunelab.errors import ConfigError
 from tunelab.export import ExportNotFound, find_export
 
 ROOT = Path(__file__).resolve().parent

@@ -3,6 +3,7 @@
 mix's shares and, with packing, the fill of the packed rows (tunelab/data/preview.py)."""
 
 import sys
+import tempfile
 
 import hydra
 from omegaconf import DictConfig
@@ -17,7 +18,8 @@ def main(cfg: DictConfig) -> None:
         validate_config(cfg)
         from tunelab.data import build_datamodule
         from tunelab.data.preview import preview_text
-        from tunelab.inputs import check_data_rows, load_tokenizer
+        from tunelab.data.checks import check_data_rows
+        from tunelab.inputs import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
         check_data_rows(cfg.data, tokenizer)
@@ -30,4 +32,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # A preview writes nothing: Hydra's run directory (its log, .hydra/) is a temporary one, unless one is asked for.
+    with tempfile.TemporaryDirectory(prefix="tunelab-preview-") as run_dir:
+        if not any(arg.startswith("hydra.run.dir=") for arg in sys.argv[1:]):
+            sys.argv.append(f"hydra.run.dir={run_dir}")
+        main()

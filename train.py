@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> float:
         from tunelab.kernels import apply_kernels, build_loss
         from tunelab.logger import build_logger, log_run_config, logger_callbacks, mark_failed, mark_preempted
         from tunelab.model import build_model, count_parameters
-        from tunelab.module import build_module
+        from tunelab.modules.base import build_module
         from tunelab.peft import apply_peft, base_quantization
         from tunelab.precision import apply_float8
         from tunelab.preemption import Preempted, requeue_slurm_job

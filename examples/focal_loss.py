@@ -12,7 +12,7 @@ kernels=auto on GPUs (the `loss` argument) is not used here.
 import torch
 
 from tunelab.data import IGNORE_INDEX, model_inputs
-from tunelab.module import CausalLMModule
+from tunelab.modules.causal_lm import CausalLMModule
 
 
 class FocalLossModule(CausalLMModule):

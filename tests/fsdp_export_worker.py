@@ -15,7 +15,7 @@ from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.checkpoint import gather_fsdp_weights
 from tunelab.export import export_pretrained
 from tunelab.model import build_model
-from tunelab.module import CausalLMModule
+from tunelab.modules.causal_lm import CausalLMModule
 from tunelab.peft import apply_peft
 from tunelab.strategy import build_strategy
 

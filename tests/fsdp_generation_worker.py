@@ -16,7 +16,7 @@ from conftest import compose_config
 from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.generation import greedy_answer
 from tunelab.model import build_model
-from tunelab.module import CausalLMModule
+from tunelab.modules.causal_lm import CausalLMModule
 from tunelab.peft import apply_peft
 from tunelab.samples import generation_context
 from tunelab.strategy import build_strategy

@@ -19,13 +19,14 @@ from tunelab.config import validate_config
 from tunelab.data import InstructionDataModule, RandomTokenDataModule, build_datamodule
 from tunelab.data.preference import PreferenceDataModule
 from tunelab.ddp import SameStreamDDPStrategy
-from tunelab.dpo import DPOModule
 from tunelab.fsdp2 import FSDP2Strategy
 from tunelab.kernel_choice import liger_available, resolve_kernels
-from tunelab.kernels import FusedLinearLoss, apply_kernels, build_loss, lean_rms_norm_forward
+from tunelab.kernels import FusedLinearLoss, apply_kernels, build_loss, lean_rms_norm_forward, model_loss
 from tunelab.logger import build_logger
 from tunelab.model import build_model, count_parameters
-from tunelab.module import CausalLMModule, build_module, model_loss
+from tunelab.modules.base import build_module
+from tunelab.modules.causal_lm import CausalLMModule
+from tunelab.modules.dpo import DPOModule
 from tunelab.optim import build_optimizer, build_scheduler
 from tunelab.peft import apply_peft, base_quantization
 from tunelab.strategy import build_strategy, gpu_count, strategy_accelerator, strategy_devices

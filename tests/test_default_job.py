@@ -59,6 +59,23 @@ def test_summary_names_losses_checkpoint_and_run(default_run):
     assert (run_dir / "loss_curves.png").stat().st_size > 10_000
 
 
+def test_summary_leaves_out_a_loss_no_step_logged():
+    """A run shorter than trainer.log_every_n_steps logs no training step, one without validation no val/loss: the
+    summary says nothing of them rather than `nan`."""
+    from tunelab.callbacks import ObjectiveTracker
+    from tunelab.report import summary_lines
+
+    tracker = ObjectiveTracker("val/loss", "min")
+    tracker.validations.append({"step": 4, "val/loss": 3.7141})
+    lines = summary_lines(tracker, 3.7141, None, None, None, None)
+    assert "val/loss (last)          3.7141" in lines and not any("nan" in line for line in lines)
+    assert not any(line.startswith("train/loss") for line in lines)
+    tracker.train_loss.append((10, 0.2639))
+    tracker.validations.clear()
+    lines = summary_lines(tracker, float("inf"), None, None, None, None)
+    assert lines[0] == "train/loss (last step)   0.2639" and not any(line.startswith("val/loss") for line in lines)
+
+
 def test_progress_outside_a_terminal_is_plain_lines(default_run):
     """In CI, nohup or a SLURM job's output, a rich bar's redraws would leave fragments of lines."""
     result, _, run, _ = default_run

@@ -1,4 +1,4 @@
-"""DPO (module=dpo, tunelab.dpo) on preference pairs (tunelab.data.preference): equal to trl's DPOTrainer on the same
+"""DPO (module=dpo, tunelab.modules.dpo) on preference pairs (tunelab.data.preference): equal to trl's DPOTrainer on the same
 batch, learning the embedded preference task from an SFT export, resuming and scaling out like SFT, and refusing bad
 pairs and keys with one line."""
 
@@ -96,9 +96,9 @@ def trl_oracle(policy, reference, batch: dict, beta: float, loss_type: str, labe
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "chunked"])
 def test_loss_and_rewards_equal_trls_dpo_on_the_same_batch(tmp_path, dataset_cache, peft, loss_type, label_smoothing,
                                                            sft_weight, fused):
-    from tunelab.dpo import DPOModule
+    from tunelab.modules.dpo import DPOModule
     from tunelab.kernels import FusedLinearLoss
-    from tunelab.module import model_loss
+    from tunelab.kernels import model_loss
 
     model, tokenizer, cfg = tiny_model(tmp_path, dataset_cache, peft)
     batch = pair_batch(tokenizer)
@@ -119,8 +119,8 @@ def test_loss_and_rewards_equal_trls_dpo_on_the_same_batch(tmp_path, dataset_cac
 
 
 def test_chunked_log_probs_give_the_gradients_of_the_full_logits(tmp_path, dataset_cache):
-    # The fused path's own backward (tunelab.dpo.ChunkedTargetLogProbs) against autograd through the whole logits.
-    from tunelab.dpo import sequence_logps
+    # The fused path's own backward (tunelab.modules.logprobs.ChunkedTargetLogProbs) against autograd through the whole logits.
+    from tunelab.modules.logprobs import sequence_logps
 
     model, tokenizer, _ = tiny_model(tmp_path, dataset_cache, "none")
     batch = pair_batch(tokenizer)

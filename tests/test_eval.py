@@ -235,6 +235,28 @@ def test_auto_evaluates_the_embedded_task_only_and_says_so_elsewhere(tmp_path, d
             resolved([f"eval={option}"])
 
 
+
+def test_auto_says_it_is_off_once_per_job_not_once_per_ddp_rank(tmp_path, dataset_cache, monkeypatch, caplog):
+    """Every rank of a DDP job composes and validates the config; only the first says why evaluation is off. The
+    other ranks are told apart as Lightning's launcher (LOCAL_RANK), torchrun (RANK) and SLURM start them."""
+    monkeypatch.setenv("TUNELAB_EVAL_AUTO", "embedded")
+    caplog.set_level(logging.INFO, logger="tunelab.config")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "echo", "input": "a", "output": "a"}\n')
+
+    def said(rank: dict[str, str]) -> int:
+        caplog.clear()
+        for name in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in rank.items():
+            monkeypatch.setenv(name, value)
+        validate_config(compose_config(["data=jsonl", f"data.path={rows}", "strategy=ddp", "trainer.accelerator=cpu",
+                                        "trainer.devices=2"], tmp_path, dataset_cache))
+        return sum(r.getMessage().startswith("benchmark evaluation off") for r in caplog.records)
+
+    assert said({}) == 1  # the launching process, rank 0
+    assert said({"LOCAL_RANK": "1"}) == said({"RANK": "1"}) == said({"SLURM_PROCID": "3"}) == 0
+
 def test_shipped_rows_are_held_out_from_the_default_job(tmp_path):
     from tunelab.evaluation.local_tasks import TASKS_DIR, held_out_rows
 

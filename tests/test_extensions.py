@@ -14,7 +14,8 @@ from tunelab.callbacks import build_callbacks
 from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.config import ConfigError, validate_config
 from tunelab.model import build_model
-from tunelab.module import build_module, model_loss
+from tunelab.kernels import model_loss
+from tunelab.modules.base import build_module
 
 EXAMPLES = ROOT / "examples"
 

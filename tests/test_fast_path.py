@@ -17,7 +17,8 @@ from tunelab.data import (IGNORE_INDEX, InstructionCollator, PackedBatchSampler,
 from tunelab.kernel_choice import resolve_kernels
 from tunelab.kernels import FusedLinearLoss, apply_kernels
 from tunelab.model import build_model
-from tunelab.module import CausalLMModule, exact_match, model_loss
+from tunelab.kernels import model_loss
+from tunelab.modules.causal_lm import CausalLMModule, exact_match
 from tunelab.peft import apply_peft
 
 EXAMPLES = [("reverse abc=", "cba"), ("upper hello world=", "HELLO WORLD"), ("double xy=", "xyxy"), ("reverse q=", "q"),

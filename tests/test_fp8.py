@@ -17,7 +17,8 @@ from torchao.float8.float8_linear import Float8Linear
 from transformers import AutoModelForCausalLM
 
 from tests.conftest import FAST, compose_config, run_train
-from tunelab.config import ConfigError, check_float8
+from tunelab.config.placement import check_float8
+from tunelab.errors import ConfigError
 from tunelab.model import architecture_config, build_tokenizer
 from tunelab.precision import apply_float8
 from tunelab.strategy import may_have_gpus

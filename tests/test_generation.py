@@ -23,7 +23,7 @@ from tunelab.export import ExportOptions, PromptFormat, export_options, export_r
 from tunelab.generation import greedy_answer
 from tunelab.kernels import decoder_layers
 from tunelab.model import build_model
-from tunelab.module import CausalLMModule
+from tunelab.modules.causal_lm import CausalLMModule
 from tunelab.peft import apply_peft, base_quantization
 from tunelab.samples import METRIC, TABLE, GenerationSamples, generation_context
 from tunelab.tiny_task import OPERATIONS

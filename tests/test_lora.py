@@ -9,7 +9,7 @@ from tests.conftest import FAST, compose_config, run_train
 from tunelab.char_tokenizer import build_char_tokenizer
 from tunelab.data import build_datamodule
 from tunelab.model import build_model, count_parameters
-from tunelab.module import CausalLMModule
+from tunelab.modules.causal_lm import CausalLMModule
 from tunelab.peft import apply_peft
 
 

@@ -65,6 +65,17 @@ def test_preview_of_a_packed_two_source_mix(tmp_path, dataset_cache):
     assert fill and 80 < float(fill.group(2)) <= 100
 
 
+
+def test_a_preview_leaves_no_run_directory_behind(tmp_path, dataset_cache):
+    result = subprocess.run([sys.executable, str(ROOT / "preview.py"), "+rows=1"], cwd=tmp_path,
+                            env=subprocess_env(tmp_path, dataset_cache), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "row 1 (" in result.stdout, result.stderr[-3000:]
+    assert not (tmp_path / "outputs").exists()
+    bad = subprocess.run([sys.executable, str(ROOT / "preview.py"), "data.max_length=1"], cwd=tmp_path,
+                         env=subprocess_env(tmp_path, dataset_cache), capture_output=True, text=True, timeout=300)
+    assert bad.stderr.strip().endswith("tunelab: error: data.max_length=1 must be >= 2")
+    assert not (tmp_path / "outputs").exists()
+
 def test_a_run_logs_its_preview_as_an_mlflow_artifact(tmp_path, dataset_cache):
     run_train([*FAST, "trainer.max_steps=1", "validate_at_start=false", "export=false", "callbacks.samples=null"],
               tmp_path / "run", dataset_cache)

@@ -46,7 +46,7 @@ def fit(peft: str, tmp_path, cache, *signals: pl.Callback):
     from tunelab.data import build_datamodule
     from tunelab.inputs import load_tokenizer
     from tunelab.model import build_model
-    from tunelab.module import build_module
+    from tunelab.modules.base import build_module
     from tunelab.peft import apply_peft
 
     cfg = compose_config([*FAST, f"peft={peft}", "optim.lr=3e-3"], tmp_path, cache)

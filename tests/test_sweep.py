@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from tests.conftest import ROOT, mlflow_runs, subprocess_env
+from tests.conftest import ROOT, compose_config, mlflow_runs, subprocess_env
 from tunelab.sweep.storage import process_stat, this_worker, worker_is_gone
 
 pytest_plugins = ["tests.services"]
@@ -196,6 +196,15 @@ def test_trial_lost_on_another_machine_is_rerun_once_its_heartbeat_lapses(tmp_pa
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
     assert_nothing_running(f"sqlite:///{tmp_path / 'mlflow.db'}")
 
+
+
+@pytest.mark.parametrize("options, name", [
+    (["sweep=lora_search"], "lora_search-tiny-tiny"),
+    (["hydra/sweeper=study", "module=dpo", "data=tiny_pairs"], "dpo-tiny-tiny_pairs"),  # the space on the command line
+])
+def test_a_study_is_named_after_the_options_picked(tmp_path, options, name):
+    cfg = compose_config(options, tmp_path, tmp_path)
+    assert cfg.hydra.sweeper.study_name == name
 
 def test_worker_is_gone_only_when_its_process_on_this_machine_has_ended():
     alive = this_worker()

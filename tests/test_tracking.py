@@ -75,3 +75,34 @@ def test_ui_address_waits_for_the_experiment_without_creating_a_store(tmp_path, 
     print_ui_address(["--store", f"sqlite:///{store}", "--ui", "http://127.0.0.1:5000"])
     assert "no experiment 'tunelab' in this store yet" in capsys.readouterr().out
     assert not store.exists()
+
+
+def test_an_inline_chat_template_too_long_for_a_param_is_logged_whole_with_its_digest_as_the_param(tmp_path,
+                                                                                                 dataset_cache):
+    """MLflow params hold 250 characters through Lightning's logger, which cut longer ones silently; a Jinja template
+    given inline in model.chat_template runs to thousands."""
+    import hashlib
+
+    import yaml
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow.tracking import MlflowClient
+    from omegaconf import open_dict
+
+    from tunelab.logger import log_run_config
+
+    template = json.loads((Path(__file__).parent / "chat_templates.json").read_text())["gemma2"]
+    assert len(template) > 250
+    cfg = compose_config(["logger=mlflow"], tmp_path, dataset_cache)
+    with open_dict(cfg):
+        cfg.model.chat_template = template
+        del cfg["hydra"]  # as train.py gets the config
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(experiment_name="t", tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"))
+    log_run_config(logger, cfg, {"trainable_params": 1})
+    client = MlflowClient(uri)
+    params = client.get_run(logger.run_id).data.params
+    digest = hashlib.sha256(template.encode()).hexdigest()[:16]
+    assert params["model/chat_template"] == f"sha256:{digest} (whole in config.yaml)"
+    assert params["model/init"] == "random" and params["trainable_params"] == "1"  # short values stay as they are
+    logged = yaml.safe_load(open(client.download_artifacts(logger.run_id, "config.yaml", str(tmp_path))))
+    assert logged["model"]["chat_template"] == template

@@ -14,7 +14,7 @@ def base_model_validation(cfg) -> dict:
     from tunelab.data import build_datamodule
     from tunelab.inputs import load_tokenizer
     from tunelab.model import build_model
-    from tunelab.module import build_module
+    from tunelab.modules.base import build_module
 
     tokenizer = load_tokenizer(cfg.model)
     pl.seed_everything(cfg.seed, workers=True)

@@ -30,7 +30,7 @@ import lightning.pytorch as pl  # noqa: E402
 from tunelab.data import build_datamodule  # noqa: E402
 from tunelab.inputs import load_tokenizer  # noqa: E402
 from tunelab.model import build_model  # noqa: E402
-from tunelab.module import model_loss  # noqa: E402
+from tunelab.kernels import model_loss  # noqa: E402
 from tunelab.peft import apply_peft, base_quantization  # noqa: E402
 
 VARIANTS = {  # name: (attention implementation, SDPA backends allowed)

@@ -14,7 +14,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from omegaconf import DictConfig
 from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
 
-from tunelab.config import ConfigError
+from tunelab.errors import ConfigError
 from tunelab.preemption import was_preempted
 
 STAGING, REPLACED = ".tmp-", ".old-"  # suffixes of a checkpoint being written, and of the one it replaces

@@ -21,9 +21,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from tunelab.precision import ADAPTER_MODULES
 
 log = logging.getLogger(__name__)
+
+ADAPTER_MODULES = ("lora_", "modules_to_save")  # peft's adapter sub-modules, by their names
 
 _torchao_log = logging.getLogger("torchao")
 _level = _torchao_log.level

@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from tunelab.data import IGNORE_INDEX, model_inputs
+from tunelab.decoder_layers import decoder_layer_classes
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         scale = grad_loss / count
         return (grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
                 grad_weight * scale.to(grad_weight.dtype) if grad_weight is not None else None, None, None)
+
+
+def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """kernels.loss=plain: the model's own causal-LM loss, over logits it materialises whole."""
+    return model(**model_inputs(batch), use_cache=False).loss
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -148,8 +154,6 @@ def build_loss(choice: dict[str, str], model: nn.Module, chunk_size: int):
     """A callable (model, batch) -> scalar training loss, for the kernels `resolve_kernels` chose."""
     loss = choice["loss"]
     if loss == "plain":
-        from tunelab.module import model_loss
-
         return model_loss
     return FusedLinearLoss(model, chunk_size, use_liger=loss == "liger")
 
@@ -158,8 +162,6 @@ def build_loss(choice: dict[str, str], model: nn.Module, chunk_size: int):
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    from tunelab.strategy import decoder_layer_classes
-
     classes = decoder_layer_classes(model)
     return [module for module in model.modules() if type(module) in classes]
 

@@ -1,5 +1,6 @@
 """Builds the `logger` group and records what makes a run reproducible: config, command line, git commit."""
 
+import hashlib
 import subprocess
 import sys
 import tempfile
@@ -73,12 +74,28 @@ def log_run_config(logger: Logger | None, cfg: DictConfig, extra: dict) -> None:
     config = public_config(cfg)
     if isinstance(logger, MLFlowLogger) and logger.experiment.get_run(logger.run_id).data.params:
         return  # a preempted run, continued: its params are the first part's (MLflow refuses to change one, run_name's time)
-    logger.log_hyperparams({**config, **extra})
+    params = {**config, **extra}
+    logger.log_hyperparams(digest_long_values(params) if isinstance(logger, MLFlowLogger) else params)
     if isinstance(logger, MLFlowLogger):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "config.yaml"
             path.write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
             logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+# Lightning's MLFlowLogger cuts a param's value after 250 characters (MLflow's own limit is 6000).
+PARAM_LIMIT = 250
+
+
+def digest_long_values(node):
+    """A value too long for an MLflow param (an inline model.chat_template, many data.sources) as the digest of its
+    whole text, `sha256:<16 hex digits>`, which tells runs apart where a cut value could not; config.yaml holds it."""
+    if isinstance(node, dict):
+        return {key: digest_long_values(value) for key, value in node.items()}
+    text = str(node)
+    if len(text) <= PARAM_LIMIT:
+        return node
+    return f"sha256:{hashlib.sha256(text.encode()).hexdigest()[:16]} (whole in config.yaml)"
 
 
 def log_run_artifact(logger: Logger | None, path: Path) -> None:

@@ -10,7 +10,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
                           PreTrainedTokenizerBase)
 
 from tunelab.char_tokenizer import build_char_tokenizer
-from tunelab.config import chat_template_text
+from tunelab.config.model import chat_template_text
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,6 @@ log = logging.getLogger(__name__)
 FLOAT8_RECIPES = ("tensorwise", "rowwise")
 FLOAT8_LAYERS = ("auto", "all")
 FLOAT8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first with float8 tensor cores
-ADAPTER_MODULES = ("lora_", "modules_to_save")  # peft's adapter sub-modules, by their names
 
 
 def precision_warnings(precision: DictConfig, model: DictConfig) -> list[str]:

@@ -50,11 +50,11 @@ SCORES = ("val/exact_match", "val/rewards/accuracy", "val/rewards/margin")
 def summary_lines(tracker: ObjectiveTracker, objective: float, best_checkpoint: str | None, run_id: str | None,
                   tracking_uri: str | None, tokens_per_second: float | None) -> list[str]:
     last_val = tracker.validations[-1] if tracker.validations else {}
-    train_loss = tracker.train_loss[-1][1] if tracker.train_loss else float("nan")
-    lines = [
-        f"train/loss (last step)   {train_loss:.4f}",
-        f"val/loss (last)          {last_val.get('val/loss', float('nan')):.4f}",
-    ]
+    lines = []  # only what was logged: a run shorter than trainer.log_every_n_steps logged no training step
+    if tracker.train_loss:
+        lines.append(f"train/loss (last step)   {tracker.train_loss[-1][1]:.4f}")
+    if "val/loss" in last_val:
+        lines.append(f"val/loss (last)          {last_val['val/loss']:.4f}")
     # the task's own score where the module logs one: exact match (SFT), or DPO's reward accuracy and margin
     lines += [f"{name + ' (last)':<24} {last_val[name]:.3f}" for name in SCORES if name in last_val]
     lines.append(f"objective {tracker.metric} ({tracker.mode})  {objective:.4f}")

@@ -6,6 +6,10 @@ fine-tunes of 1B+ models diverge at the embedded tiny model's rate (3e-3), and a
 
 `${tunelab.slurm_tasks:${trainer.devices}}` is hydra/launcher=slurm's tasks (and GPUs) per node: `trainer.devices`, where
 `auto` asks for one, which is what Lightning's `auto` then finds in a one-GPU (or CPU) allocation.
+
+`${tunelab.study_name:<sweep>,<module>,<model>,<data>}` (the options picked) is a sweep's default study name:
+`lora_search-tiny-tiny`, or with no `sweep=` option (the search space on the command line) the module's,
+`dpo-tiny-tiny_pairs`.
 """
 
 from omegaconf import OmegaConf
@@ -23,5 +27,10 @@ def slurm_tasks(devices):
     return 1 if devices == "auto" else devices  # the launcher refuses what is not a count of tasks
 
 
+def study_name(sweep, module, model, data) -> str:
+    return "-".join(str(option) for option in (sweep or module, model, data))
+
+
 OmegaConf.register_resolver("tunelab.recommended_lr", recommended_lr, replace=True)
 OmegaConf.register_resolver("tunelab.slurm_tasks", slurm_tasks, replace=True)
+OmegaConf.register_resolver("tunelab.study_name", study_name, replace=True)

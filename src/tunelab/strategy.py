@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from tunelab.decoder_layers import decoder_layer_classes
+
 if TYPE_CHECKING:
     import torch
     from lightning.pytorch.strategies import Strategy
@@ -119,19 +121,6 @@ def build_device(cfg: DictConfig, on_gpu: bool) -> torch.device | None:
 def is_known_strategy(cfg: DictConfig) -> bool:
     """An option either names its class (`_target_`) or one of Lightning's registered strategy names."""
     return "_target_" in cfg or cfg.name == "auto" or cfg.name in LIGHTNING_STRATEGIES
-
-
-def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
-    """The model's repeated block classes, as transformers declares them (`_no_split_modules`), e.g. LlamaDecoderLayer
-    or Qwen2DecoderLayer. A PEFT wrapper forwards the attribute to the model it wraps."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    classes = {type(module) for module in model.modules() if type(module).__name__ in names}
-    if not classes:
-        raise ValueError(
-            f"{type(model).__name__} declares no decoder-layer class (_no_split_modules={sorted(names)}) that occurs in it; "
-            "use strategy.auto_wrap=null"
-        )
-    return classes
 
 
 def has_frozen_parameters(model: torch.nn.Module) -> bool:

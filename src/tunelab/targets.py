@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.config import ConfigError, one_line, show
+from tunelab.errors import ConfigError, one_line, show
 
 
 class Group(NamedTuple):

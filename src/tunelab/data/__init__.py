@@ -1,10 +1,11 @@
 """The `data` group: rows → tokenized, prompt-masked examples (`formats`, `chat` for every assistant turn, `rows` for
 data.max_length), padded or packed (`collators`), in a resumable order (`samplers`), served by a LightningDataModule
-(`datamodule`)."""
+(`datamodule`; `stream_datamodule` over `streaming` and `streams` where data.streaming is true; `build` chooses)."""
 
 from tunelab.data.chat import TemplateRewritesTurns, encode_chat, end_of_turn_ids
 from tunelab.data.collators import InstructionCollator, PackedCollator, model_inputs
-from tunelab.data.datamodule import (InstructionDataModule, RandomTokenDataModule, build_datamodule, load_rows,
+from tunelab.data.build import build_datamodule
+from tunelab.data.datamodule import (InstructionDataModule, RandomTokenDataModule, load_rows,
                                      tiny_task_file)
 from tunelab.data.formats import (IGNORE_INDEX, TOKENIZATION_VERSION, detect_format, split_prompt_answer,
                                   tokenize_example, tokenizer_fingerprint)

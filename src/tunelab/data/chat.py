@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
-from tunelab.config import ConfigError
+from tunelab.errors import ConfigError
 from tunelab.data.formats import IGNORE_INDEX
 
 GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")

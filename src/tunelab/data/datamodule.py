@@ -19,7 +19,6 @@ from tunelab.data.mixing import MixedOrder, Source, SourceCollator, mix_sources,
 from tunelab.data.formats import TOKENIZATION_VERSION, detect_format, tokenizer_fingerprint
 from tunelab.data.rows import RowTokenizer, count_fates, is_trained, report_rows
 from tunelab.data.samplers import PackedBatchSampler, resumable_sampler, resume_position
-from tunelab.targets import build_target
 from tunelab.tiny_task import TINY_SOURCES, write_tiny_task
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class InstructionDataModule(pl.LightningDataModule):
         train_on: str = "all_assistant",
         truncation: str = "cut_turns",
         sources: list | None = None,
-        streaming: bool = False,  # build_datamodule builds tunelab.data.stream_datamodule's module where it is true
+        streaming: bool = False,  # where true, build_datamodule builds tunelab.data.stream_datamodule's module
         shuffle_block: int | None = None,  # data.streaming's shuffle (tunelab.data.streaming)
     ):
         super().__init__()
@@ -194,19 +193,6 @@ class InstructionDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
-
-
-def build_datamodule(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> pl.LightningDataModule:
-    """`data._target_` (tunelab's or the user's own LightningDataModule, tunelab.targets) with the option's keys and
-    the tokenizer."""
-    if cfg.get("streaming"):
-        from omegaconf import OmegaConf
-
-        from tunelab.data.stream_datamodule import StreamingDataModule
-
-        options = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in ("_target_", "streaming")}
-        return StreamingDataModule(tokenizer=tokenizer, **options)
-    return build_target("data", cfg, tokenizer=tokenizer)
 
 
 class RandomTokenDataModule(pl.LightningDataModule):

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tunelab.config import entry_source
+from tunelab.config.data import entry_source
 
 
 @dataclass(frozen=True)
 class Source:
-    """One entry of data.sources (tunelab.config.check_sources holds each key to its type first)."""
+    """One entry of data.sources (tunelab.config.data.check_sources holds each key to its type first)."""
 
     name: str
     source: str  # jsonl | hub | tiny (like data.source)

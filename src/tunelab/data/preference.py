@@ -1,4 +1,4 @@
-"""Preference pairs → a chosen and a rejected example of the same prompt, for DPO (tunelab.dpo).
+"""Preference pairs → a chosen and a rejected example of the same prompt, for DPO (tunelab.modules.dpo).
 
 A pair row holds `prompt`, `chosen` and `rejected`: plain text (`alpaca`: the prompt fills data.prompt_template as an
 alpaca row's instruction does, with an optional `input`; chosen and rejected are the answers), or a conversation
@@ -27,7 +27,6 @@ from transformers import PreTrainedTokenizerBase
 from tunelab.data.chat import Encoded, encode_chat, special_ids
 from tunelab.data.datamodule import InstructionDataModule, load_rows
 from tunelab.data.formats import IGNORE_INDEX, TOKENIZATION_VERSION, tokenizer_fingerprint
-from tunelab.config import ConfigError
 from tunelab.data.rows import count_fates, encode_alpaca, fit_to_length, report_rows
 from tunelab.data.samplers import resumable_sampler
 from tunelab.tiny_task import OPERATIONS, SHORT_WORDS, make_example
@@ -246,42 +245,3 @@ def load_pair_rows(source: str, path: str | None, split: str, num_examples: int 
     if source == "tiny_pairs":
         source, path = "jsonl", str(tiny_pairs_file(cache_dir, num_examples, seed))
     return load_rows(source, path, split, num_examples, cache_dir, seed)
-
-
-# ── checked up front (tunelab.inputs) ─────────────────────────────────────────────────────────────────────────────
-
-
-def check_pair_rows(data, tokenizer) -> None:
-    """Every pair row well-formed (PAIR_FIELDS, chosen unlike rejected), a chat template for chat pairs, and enough
-    pairs within data.max_length to hold out data.val_size and train on a batch; one ConfigError line otherwise."""
-    from tunelab.inputs import check_chat_template, read_rows, split_sizes, tokenized_row, trains_a_batch
-
-    if data.source == "hub":
-        if data.format == "chat":
-            check_chat_template(tokenizer, f"data.path={data.path}")
-        return
-    path = tiny_pairs_file(data.cache_dir, data.num_examples, data.seed) if data.source == "tiny_pairs" else Path(data.path).expanduser()
-    label = f"data.path={data.path}" if data.source == "jsonl" else f"data={data.source}"
-    fmt, tokenize, usable, rows = None, None, 0, 0
-    for where, row in read_rows(path, label):
-        if rows == data.num_examples:
-            break
-        rows += 1
-        if fmt is None:
-            fmt = pair_format(row) if data.format == "auto" and isinstance(row, dict) else data.format
-            if fmt == "chat":
-                check_chat_template(tokenizer, label)
-            tokenize = PairTokenizer(fmt, (data.prompt_template, data.prompt_template_no_input), tokenizer,
-                                     data.max_length, data.get("truncation", "cut_turns"))
-        if problem := pair_problem(row, fmt):
-            raise ConfigError(f"{label} {where} {problem}; data.format={fmt} pairs need {FORMAT_FIELDS[fmt]}")
-        if not trains_a_batch(usable, data):
-            usable += tokenized_row(tokenize, row, f"{label} {where}")["fate"] in ("kept", "cut")
-    if rows == 0:
-        raise ConfigError(f"{label} holds no rows: write one JSON object per line, with {FORMAT_FIELDS['alpaca']}")
-    if not trains_a_batch(usable, data):
-        train, val = split_sizes(usable, data.val_size)
-        raise ConfigError(f"{label} has {usable} pairs whose chosen and rejected answers both fit data.max_length="
-                          f"{data.max_length}: {val} held out (data.val_size={data.val_size}) leave {max(train, 0)} to "
-                          f"train on, fewer than one batch (data.batch_size={data.batch_size}); give more pairs, or raise "
-                          "data.max_length")

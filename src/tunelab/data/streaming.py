@@ -30,7 +30,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from tunelab.data.collators import InstructionCollator, PackedCollator
 from tunelab.data.rows import FATES, RowTokenizer, is_trained
 from tunelab.data.streams import BadRow, RowStream, parse_row
-from tunelab.inputs import row_problem
+from tunelab.data.checks import row_problem
 
 log = logging.getLogger(__name__)
 

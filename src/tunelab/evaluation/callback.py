@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 from omegaconf import DictConfig, OmegaConf
 
 from tunelab.callbacks import ObjectiveTracker, within_fit
-from tunelab.config import ConfigError
+from tunelab.errors import ConfigError
 from tunelab.evaluation.harness import Distribution, check_tasks, evaluate
 from tunelab.strategy import shards_model
 from tunelab.evaluation.results import (BASE_RESULTS_FILE, PREFIX, RESULTS_FILE, against_base, base_key, load_base,

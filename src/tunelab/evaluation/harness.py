@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tunelab.config import ConfigError, one_line
+from tunelab.errors import ConfigError, one_line
 from tunelab.evaluation.local_tasks import local_task_configs, task_dir
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ def training_lm(model, tokenizer, batch_size: int, distribution: Distribution):
 def training_state_kept(model: torch.nn.Module):
     """The harness seeds Python's, NumPy's and torch's RNGs and puts the model in eval mode: a run evaluated mid-way
     trains on as if it had not been."""
-    from tunelab.module import restore_rng_states, rng_states
+    from tunelab.modules.base import restore_rng_states, rng_states
 
     states = rng_states()
     modes = {module: module.training for module in model.modules()}

@@ -24,7 +24,7 @@ import math
 import lightning.pytorch as pl
 import torch
 
-from tunelab.module import restore_rng_states, rng_states
+from tunelab.modules.base import restore_rng_states, rng_states
 
 SHAPES = ("linear", "1-sqrt")
 UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "FSDP2Strategy", "ModelParallelStrategy", "DeepSpeedStrategy")

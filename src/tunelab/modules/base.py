@@ -1,5 +1,8 @@
-"""Builds the `module` group: the LightningModule, by default a causal LM trained on answer tokens and validated on
-loss and exact match (CausalLMModule); `module._target_` may name the user's own LightningModule (tunelab.targets)."""
+"""What tunelab's LightningModules share (FineTuningModule): the model they train, the optim group's optimizer and
+schedule, sharding under strategy=fsdp, checkpoints (adapter-only for LoRA) that carry every RNG's state, and how a
+step's values are logged; and the `module` group's builder. Each module option adds its own training and validation
+steps beside this file (causal_lm.py, dpo.py); `module._target_` may name the user's own LightningModule
+(tunelab.targets)."""
 
 import random
 
@@ -11,19 +14,9 @@ from omegaconf import DictConfig
 from torch.distributed.fsdp import FullyShardedDataParallel
 from transformers import PreTrainedModel
 
-from tunelab.data import IGNORE_INDEX, model_inputs
+from tunelab.kernels import model_loss
 from tunelab.optim import build_optimizer, build_scheduler
 from tunelab.targets import build_target
-
-
-def exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per row: 1.0 when every answer token is the argmax prediction (teacher-forced), which is exactly when
-    greedy decoding from the prompt reproduces the answer."""
-    predictions = logits[:, :-1].argmax(-1)
-    targets = labels[:, 1:]
-    answer = targets != IGNORE_INDEX
-    correct = (predictions == targets) | ~answer
-    return correct.all(dim=1).float()
 
 
 def rng_states() -> dict:
@@ -46,14 +39,10 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def model_loss(model: PreTrainedModel, batch: dict) -> torch.Tensor:
-    """The model's own causal-LM loss, over logits it materialises whole."""
-    return model(**model_inputs(batch), use_cache=False).loss
-
-
-class CausalLMModule(pl.LightningModule):
-    """`loss`: a callable (model, batch) -> training loss; one with an `evaluate(model, batch)` method (tunelab.kernels'
-    fused loss) also computes validation loss and per-row exact match without materialising the logits."""
+class FineTuningModule(pl.LightningModule):
+    """A transformers model trained with tunelab's optimizer, schedule, sharding and checkpoints; a subclass gives the
+    training and validation steps. `loss`: the training loss tunelab built for the kernels group, a callable
+    (model, batch) -> loss (tunelab.kernels.build_loss)."""
 
     def __init__(self, model: PreTrainedModel, optim: DictConfig, adapter_only_checkpoints: bool = False,
                  loss=model_loss):
@@ -76,24 +65,13 @@ class CausalLMModule(pl.LightningModule):
         if shard is not None:
             shard(self.model)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self.model, batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=batch["input_ids"].size(0))
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        source = batch.pop("source", None)  # a mix's validation batch holds one source's rows (tunelab.data.mixing)
-        if hasattr(self.loss, "evaluate"):
-            loss, matches = self.loss.evaluate(self.model, batch)
-        else:
-            outputs = self.model(**model_inputs(batch), use_cache=False)
-            loss, matches = outputs.loss, exact_match(outputs.logits, batch["labels"])
-        size = batch["input_ids"].size(0)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True, batch_size=size)
-        self.log("val/exact_match", matches.mean(), prog_bar=True, sync_dist=True, batch_size=size)
-        if source is not None:
-            self.log(f"val/loss/{source}", loss, sync_dist=True, batch_size=size)
-            self.log(f"val/exact_match/{source}", matches.mean(), sync_dist=True, batch_size=size)
+    def log_step(self, split: str, values: dict[str, torch.Tensor], batch_size: int, shown: tuple[str, ...] = ("loss",)
+                 ) -> None:
+        """`values` as <split>/<name>: each training step's own (no sync between ranks: the hot path stays free of
+        collectives), a validation's mean over all its batches and ranks. Names in `shown` go on the progress bar."""
+        per_step = {"on_step": True, "on_epoch": False} if split == "train" else {"sync_dist": True}
+        for name, value in values.items():
+            self.log(f"{split}/{name}", value, prog_bar=name in shown, batch_size=batch_size, **per_step)
 
     def configure_optimizers(self):
         optimizer = build_optimizer(self.model, self.optim_cfg)
