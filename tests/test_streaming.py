@@ -121,3 +121,17 @@ def test_a_parquet_file_reads_from_a_saved_row(tmp_path):
     first = [row for _, row in zip(range(13), reading)]
     rest = list(ParquetRows(tmp_path / "rows.parquet").read(reading.position()))
     assert [r["instruction"] for r in first + rest] == [f"p{i}" for i in range(25)]
+
+
+def test_a_hub_dataset_streams_from_its_saved_state(tmp_path):
+    """data.source=hub with streaming: `datasets`' own stream (here over a local dataset directory, as no hub is
+    reachable), resumed from its state_dict mid-file."""
+    from tunelab.data.streams import HubRows
+
+    directory = tmp_path / "dataset"
+    directory.mkdir()
+    write_rows(directory / "train.jsonl", 30, "h")
+    reading = HubRows(str(directory), "train", str(tmp_path / "cache")).read(None)
+    first = [row for _, row in zip(range(11), reading)]
+    rest = list(HubRows(str(directory), "train", str(tmp_path / "cache")).read(reading.position()))
+    assert [r["instruction"] for r in first + rest] == [f"h{i}" for i in range(30)]

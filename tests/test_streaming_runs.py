@@ -61,3 +61,35 @@ def test_two_ranks_of_two_workers_resume_a_packed_mix_exactly(tmp_path, dataset_
         assert resumed[step] == pytest.approx(straight[step], abs=1e-6), step
     log = (tmp_path / "straight" / "train.log").read_text()
     assert "validation: the first 16 rows of each" in log
+
+
+def test_memory_stays_flat_over_a_file_far_larger_and_nothing_is_cached(tmp_path, dataset_cache):
+    """~150 MB of rows, most of them 50 kB rows of no format (counted as bad, skipped) between good ones: the run reads
+    past the whole file (into a second pass) with its resident memory growing by less than a third of the file, and
+    writes nothing but its checkpoints, logs and MLflow store."""
+    path = tmp_path / "data" / "big.jsonl"
+    path.parent.mkdir()
+    padding = json.dumps({"text": "z" * 50_000}) + "\n"
+    with path.open("w") as file:
+        write_rows = write_task(tmp_path / "good.jsonl", "reverse", 1_100, 3).read_text().splitlines(keepends=True)
+        file.writelines(write_rows[:1_000])  # the rows the checks read
+        for row in write_rows[1_000:]:
+            file.write(row)
+            file.write(padding * 30)
+    size = path.stat().st_size
+    assert size > 140e6
+    cache_before = sorted(p for p in dataset_cache.rglob("*"))
+    probe = tmp_path / "rss.txt"
+    args = [*STEPS, "trainer.max_steps=40", "trainer.val_check_interval=40", "data=jsonl", f"data.path={path}",
+            "data.format=alpaca", "data.streaming=true", "data.shuffle_block=32", "data.max_val_examples=8",
+            "data.batch_size=32", "+callbacks.rss._target_=tests.stream_memory_probe.RssProbe", f"+callbacks.rss.path={probe}",
+            "callbacks.model_checkpoint.save_top_k=1"]
+    run_train(args, tmp_path / "run", dataset_cache)
+    rss = [int(line.split()[1]) for line in probe.read_text().splitlines()]
+    assert max(rss[5:]) - rss[5] < size / 3, [round(r / 1e6) for r in rss]
+    assert sorted(p for p in dataset_cache.rglob("*")) == cache_before  # no datasets cache written
+    metrics = {r["step"]: r for r in csv.DictReader(open(next((tmp_path / "run").glob("csv/version_*/metrics.csv"))))}
+    bad = max(float(r["data/rows_bad"]) for r in metrics.values() if r.get("data/rows_bad"))
+    assert bad == 100 * 30  # the whole file read (into a second pass): every padding row counted once, none fatal
+    written = {p.relative_to(tmp_path / "run").parts[0] for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    assert written <= {"checkpoints", "csv", "train.log", "objective.json", "loss_curves.png", ".hydra", "mlflow.db"}, written

@@ -10,6 +10,7 @@ from tunelab.config.fields import FIELDS, SOURCE_KEYS, is_kind
 from tunelab.errors import ConfigError, show
 from tunelab.tiny_task import TINY_SOURCES
 
+INSTRUCTION_DATA = "tunelab.data.InstructionDataModule"
 SOURCE_EXAMPLE = "[{name: a, path: a.jsonl, weight: 3}, {name: b, path: b.jsonl, weight: 1}]"
 
 
@@ -39,14 +40,29 @@ def check_data(cfg: DictConfig) -> None:
     if data.packing and data.pack_tokens is not None and data.pack_tokens < data.max_length:
         raise ConfigError(f"data.pack_tokens={data.pack_tokens} is less than data.max_length={data.max_length}: "
                           "a packed row must hold the longest example; raise data.pack_tokens or set it to null")
+    if data.get("streaming"):
+        check_streaming(cfg)
+
+
+def check_streaming(cfg: DictConfig) -> None:
+    """data.streaming=true (tunelab.data.streaming): a stream has no length, so the step budget is the run's length."""
+    if cfg.data.get("_target_") != INSTRUCTION_DATA:
+        raise ConfigError(f"data.streaming=true streams instruction and chat rows (tunelab's InstructionDataModule), "
+                          f"not {cfg.data.get('_target_')}: set data.streaming=false")
+    if cfg.trainer.get("max_steps", -1) in (None, -1):
+        raise ConfigError("data.streaming=true reads a stream with no length: set the run's length with "
+                          "trainer.max_steps (e.g. trainer.max_steps=1000)")
+    if isinstance(cfg.trainer.get("val_check_interval"), float):
+        raise ConfigError(f"trainer.val_check_interval={show(cfg.trainer.val_check_interval)} is a fraction of an "
+                          "epoch, and a stream has no epochs: give a number of steps (e.g. trainer.val_check_interval=100)")
 
 
 def entry_source(entry) -> str:
-    """Where a data.sources entry's rows come from: its `source`, else a local file where the path ends in .json or
-    .jsonl, else the Hugging Face Hub."""
+    """Where a data.sources entry's rows come from: its `source`, else a local file where the path ends in .json,
+    .jsonl or .parquet, else the Hugging Face Hub."""
     if entry.get("source"):
         return entry["source"]
-    return "jsonl" if str(entry.get("path")).endswith((".json", ".jsonl")) else "hub"
+    return "jsonl" if str(entry.get("path")).endswith((".json", ".jsonl", ".parquet")) else "hub"
 
 
 def check_sources(data: DictConfig) -> None:

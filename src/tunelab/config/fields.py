@@ -130,6 +130,8 @@ FIELDS: dict[str, Rule | OneOf | ListOf | AnyOf] = {
     "data.cache_dir": Rule(str),
     "data.packing": Rule(bool),
     "data.pack_tokens": Rule(int, ">= 2", null=True),
+    "data.streaming": Rule(bool),
+    "data.shuffle_block": Rule(int, ">= 1"),
 
     "peft.r": Rule(int, ">= 1"),
     "peft.lora_alpha": Rule(float, "> 0"),

@@ -19,6 +19,7 @@ from tunelab.data.mixing import mix_sources
 from tunelab.data.preference import FORMAT_FIELDS as PAIR_FORMAT_FIELDS
 from tunelab.data.preference import PairTokenizer, pair_format, pair_problem, tiny_pairs_file
 from tunelab.data.rows import RowTokenizer, is_trained
+from tunelab.data.streams import ParquetRows
 from tunelab.errors import ConfigError, one_line
 from tunelab.tiny_task import TINY_SOURCES
 
@@ -27,6 +28,7 @@ FORMAT_FIELDS = {
     "chat": "messages, a list of {role, content} strings",
 }
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+STREAM_CHECK_ROWS = 1000  # the rows of a stream checked before training, as the cached path checks them all
 FORMAT_COLUMNS = {"alpaca": {"instruction", "output"}, "chat": {"messages"}}
 
 
@@ -83,8 +85,10 @@ def check_hub_dataset(data: DictConfig) -> str | None:
 
 def check_rows_file(path: Path, label: str, data: DictConfig, tokenizer) -> None:
     """Every row well-formed for the data format, and enough rows with an answer within data.max_length to hold out
-    data.val_size and train on a batch. Tokenizes only until there are enough, so a good file costs two JSON scans."""
-    fmt = resolve_format(data.format, file_columns(path, label), label)
+    data.val_size and train on a batch. Tokenizes only until there are enough, so a good file costs two JSON scans;
+    a streamed one (data.streaming) is checked on its first STREAM_CHECK_ROWS rows, the rest counted as they come."""
+    limit = STREAM_CHECK_ROWS if data.get("streaming") else data.num_examples
+    fmt = resolve_format(data.format, file_columns(path, label, limit), label)
     if fmt == "chat":
         check_chat_template(tokenizer, label)
     tokenize = RowTokenizer(fmt, (data.prompt_template, data.prompt_template_no_input), tokenizer, data.max_length,
@@ -92,8 +96,8 @@ def check_rows_file(path: Path, label: str, data: DictConfig, tokenizer) -> None
     # A template that rewrites earlier turns shows only in a row with two assistant turns: look on until one is seen.
     multi_turn_seen = fmt != "chat" or data.get("train_on", "all_assistant") == "last_assistant"
     usable, answered, rows = 0, 0, 0
-    for where, row in read_rows(path, label):
-        if rows == data.num_examples:
+    for where, row in read_rows(path, label, data.get("streaming", False)):
+        if rows == limit:
             break
         rows += 1
         if problem := row_problem(row, fmt):
@@ -150,12 +154,19 @@ def check_pair_rows(data, tokenizer) -> None:
                           "data.max_length")
 
 
-def read_rows(path: Path, label: str) -> Iterator[tuple[str, Any]]:
-    """(where, row) for each row of a JSON-lines file (blank lines skipped) or of a file holding one JSON array: the
-    two layouts datasets' json loader reads."""
+def read_rows(path: Path, label: str, streaming: bool = False) -> Iterator[tuple[str, Any]]:
+    """(where, row) for each row of a JSON-lines file (blank lines skipped), of a file holding one JSON array (the
+    two layouts datasets' json loader reads; a stream reads JSON lines only) or of a parquet file."""
+    if path.suffix == ".parquet":
+        yield from ((f"row {number}", row) for number, row in enumerate(ParquetRows(path).read(None), 1))
+        return
     try:
         with path.open(encoding="utf-8") as file:
             if file.read(4096).lstrip().startswith("["):
+                if streaming:
+                    raise ConfigError(f"{label} holds one JSON array, which must be read whole: data.streaming=true "
+                                      "reads JSON lines (one object per line) or parquet; convert the file, or set "
+                                      "data.streaming=false")
                 file.seek(0)
                 rows = parse_json(file.read(), label, "")
                 yield from ((f"row {number}", row) for number, row in enumerate(rows, 1))
@@ -177,10 +188,12 @@ def parse_json(text: str, label: str, where: str) -> Any:
                           "each line must hold one JSON object") from None
 
 
-def file_columns(path: Path, label: str) -> set[str]:
-    """The fields of all rows together, as datasets makes its columns."""
+def file_columns(path: Path, label: str, limit: int | None = None) -> set[str]:
+    """The fields of all rows together (of the first `limit`), as datasets makes its columns."""
     columns, count = set(), 0
     for where, row in read_rows(path, label):
+        if count == limit:
+            break
         if not isinstance(row, dict):
             raise ConfigError(f"{label} {where} is {snippet(row)}, not a JSON object: each line must hold one row, "
                               f"with {FORMAT_FIELDS['alpaca']} or {FORMAT_FIELDS['chat']}")

@@ -36,7 +36,8 @@ def load_rows(source: str, path: str | None, split: str, num_examples: int | Non
         path = str(tiny_task_file(cache_dir, num_examples, seed, source))
         source = "jsonl"
     if source == "jsonl":
-        rows = load_dataset("json", data_files=path, split="train", cache_dir=datasets_cache)
+        builder = "parquet" if str(path).endswith(".parquet") else "json"
+        rows = load_dataset(builder, data_files=path, split="train", cache_dir=datasets_cache)
     else:
         rows = load_dataset(path, split=split, cache_dir=datasets_cache)
     if num_examples is not None and len(rows) > num_examples:

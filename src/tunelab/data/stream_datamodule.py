@@ -17,6 +17,7 @@ import torch.distributed as dist
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
+from tunelab.data.checks import STREAM_CHECK_ROWS
 from tunelab.data.datamodule import InstructionDataModule
 from tunelab.data.formats import detect_format
 from tunelab.data.rows import RowTokenizer, is_trained
@@ -24,8 +25,6 @@ from tunelab.data.streaming import STATE_KEY, STREAM_FATES, StreamConsumer, Stre
 from tunelab.data.streams import BadRow, open_source, parse_row
 
 log = logging.getLogger(__name__)
-
-FORMAT_ROWS = 1000  # rows whose fields tell a source's format (data.format=auto), as the checks read them
 
 
 class StreamingDataModule(InstructionDataModule):
@@ -128,7 +127,7 @@ def stream_format(stream) -> str:
     """alpaca or chat, from the fields of the stream's first rows (the rows that cannot be read are left to the checks)."""
     columns = set()
     for count, raw in enumerate(stream.read(None)):
-        if count == FORMAT_ROWS:
+        if count == STREAM_CHECK_ROWS:
             break
         try:
             columns |= parse_row(raw).keys()
