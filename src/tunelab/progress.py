@@ -103,9 +103,14 @@ class PlainLines(io.TextIOBase):
     def isatty(self) -> bool:
         return False
 
+    # What code that writes past the text layer asks of sys.stderr: the stream's own.
     @property
     def encoding(self):
         return getattr(self.stream, "encoding", "utf-8")
+
+    @property
+    def buffer(self):
+        return self.stream.buffer
 
     def fileno(self) -> int:
         return self.stream.fileno()
