@@ -47,6 +47,9 @@ def evaluate_export(path: Path, tasks: list[str], limit: int | None, batch_size:
     export = find_export(path)  # before torch loads: a wrong path is told at once
     cache_dir = os.environ.get("TUNELAB_CACHE", str(ROOT / ".cache"))
     from tunelab.evaluation.harness import check_tasks
+    from tunelab.progress import plain_lines_outside_a_terminal
+
+    plain_lines_outside_a_terminal()
 
     manager = check_tasks(tasks, cache_dir)
     import torch

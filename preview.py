@@ -17,10 +17,12 @@ def main(cfg: DictConfig) -> None:
         rows = cfg.get("rows", 4)
         validate_config(cfg)
         from tunelab.data import build_datamodule
-        from tunelab.data.preview import preview_text
         from tunelab.data.checks import check_data_rows
+        from tunelab.data.preview import preview_text
         from tunelab.inputs import load_tokenizer
+        from tunelab.progress import plain_lines_outside_a_terminal
 
+        plain_lines_outside_a_terminal()
         tokenizer = load_tokenizer(cfg.model)
         check_data_rows(cfg.data, tokenizer)
     except ConfigError as error:

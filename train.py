@@ -35,11 +35,13 @@ def main(cfg: DictConfig) -> float:
         from tunelab.peft import apply_peft, base_quantization
         from tunelab.precision import apply_float8
         from tunelab.preemption import Preempted, requeue_slurm_job
+        from tunelab.progress import plain_lines_outside_a_terminal
         from tunelab.report import finish_run
         from tunelab.strategy import build_device, runs_on_gpu
         from tunelab.sweep.trial import study_trial_callbacks
         from tunelab.trainer import build_trainer, effective_batch_size, stop_every_rank
 
+        plain_lines_outside_a_terminal()  # in a log, each library's progress bar is the line it ends on
         ckpt_path = resolve_ckpt_path(cfg)
         tokenizer = load_tokenizer(cfg.model)
         check_inputs(cfg, tokenizer)  # data rows, model architecture, LoRA targets: before any weights or MLflow run

@@ -86,6 +86,26 @@ def test_progress_outside_a_terminal_is_plain_lines(default_run):
     validations = [line for line in result.stdout.splitlines() if line.startswith("validation at step 600: ")]
     assert len(validations) == 1 and "val/loss " in validations[0]
     assert "\x1b[" not in result.stdout  # no cursor moves or colours
+    # lm-eval's request bars, on stderr: the line each ends on, not its redraws (read here as lines of their own)
+    bars = [line for line in result.stderr.splitlines() if "it/s]" in line]
+    assert bars and all("100%|" in line for line in bars), bars[:5]
+
+
+def test_a_library_progress_bar_in_a_log_is_the_one_line_it_ends_on():
+    import io
+
+    from tqdm import tqdm
+
+    from tunelab.progress import PlainLines
+
+    log = io.StringIO()
+    stream = PlainLines(log)
+    stream.write("a warning\n")
+    for _ in tqdm(range(12), desc="Running loglikelihood requests", file=stream, mininterval=0, ascii=True):
+        pass
+    lines = log.getvalue().split("\n")
+    assert lines[0] == "a warning" and lines[2] == "" and len(lines) == 3
+    assert lines[1].startswith("Running loglikelihood requests: 100%|##########| 12/12 [") and "\r" not in lines[1]
 
 
 def test_default_job_scores_the_embedded_task_beside_its_base(default_run):

@@ -75,6 +75,24 @@ def test_each_validation_logs_greedy_answers_to_the_same_prompts(default_run):
     assert [m.value for m in history] == [sum(s["generated"] == s["expected"] for s in group) / 4 for group in groups]
 
 
+
+def test_samples_of_a_template_whose_turns_end_before_the_eos_stop_at_its_end_of_turn(tmp_path, dataset_cache):
+    """Gemma's chat template ends each turn with <end_of_turn> and writes its EOS nowhere in a conversation: the samples
+    are the answers through that token, and generation stops there, as generate.py's does from the export."""
+    tokenizer = build_char_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer.chat_template = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}")
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    cfg = compose_config(["data=tiny_chat", "data.num_examples=100"], tmp_path, dataset_cache)
+    samples = GenerationSamples(count=2, max_new_tokens=4)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=1, callbacks=[samples])
+    trainer.validate(CausalLMModule(build_model(cfg.model, cfg.precision, tokenizer), cfg.optim),
+                     datamodule=build_datamodule(cfg.data, tokenizer))
+    assert len(samples.prompts) == 2 and all(expected[-1] == end_of_turn for _, expected in samples.prompts)
+    assert end_of_turn in samples.ends and METRIC in trainer.callback_metrics
+
 def test_summary_shows_the_last_validation_samples_and_the_export(default_run):
     result, _, _, table, run_dir = default_run
     summary = result.stdout[result.stdout.index("tunelab run summary"):].splitlines()

@@ -1,7 +1,11 @@
 """Progress for a log that is not a terminal (CI, nohup, a SLURM job's output): plain lines, one every few logging
 steps and one per validation. A rich progress bar redraws itself with cursor moves that such a log keeps as
-fragments (`train/tokens_per_…` and `8852.792 val/loss:` on separate lines)."""
+fragments (`train/tokens_per_…` and `8852.792 val/loss:` on separate lines); the tqdm bars of the libraries tunelab
+calls (datasets' map, lm-evaluation-harness's requests, the Hub's downloads) redraw after carriage returns, which such
+a log keeps as one long line of fragments: there each bar becomes the one line it ends on (PlainLines)."""
 
+import io
+import re
 import sys
 import time
 from datetime import timedelta
@@ -74,3 +78,45 @@ def progress_for_this_output(callbacks: list[pl.Callback]) -> list[pl.Callback]:
     if sys.stdout.isatty():
         return callbacks
     return [PlainProgressLog() if isinstance(c, RichProgressBar) else c for c in callbacks]
+
+
+class PlainLines(io.TextIOBase):
+    """A text stream over `stream` that writes only whole lines: what follows a carriage return replaces what came
+    before it on the line, so of a tqdm bar's redraws only the state it ends in, `Running loglikelihood requests:
+    100%|██████████| 12/12 [00:00<00:00, 203.53it/s]`, is written; text without carriage returns passes as it is."""
+
+    def __init__(self, stream):
+        self.stream, self.line = stream, ""
+
+    def write(self, text: str) -> int:
+        for part in re.split(r"(\r|\n)", text):
+            if part == "\n":
+                self.stream.write(self.line + "\n")
+                self.stream.flush()
+                self.line = ""
+            elif part == "\r":
+                self.line = ""
+            else:
+                self.line += part
+        return len(text)
+
+    def isatty(self) -> bool:
+        return False
+
+    # What code that writes past the text layer asks of sys.stderr: the stream's own.
+    @property
+    def encoding(self):
+        return getattr(self.stream, "encoding", "utf-8")
+
+    @property
+    def buffer(self):
+        return self.stream.buffer
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+
+def plain_lines_outside_a_terminal() -> None:
+    """Where stderr, which tqdm draws on, is not a terminal: each library progress bar there is the line it ends on."""
+    if not sys.stderr.isatty() and not isinstance(sys.stderr, PlainLines):
+        sys.stderr = PlainLines(sys.stderr)

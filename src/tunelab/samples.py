@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.loggers import MLFlowLogger
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from tunelab.data import IGNORE_INDEX
+from tunelab.data import IGNORE_INDEX, end_of_turn_ids
 from tunelab.generation import greedy_answer
 from tunelab.strategy import shards_model
 
@@ -17,11 +17,20 @@ METRIC = "val/generated_exact_match"
 TABLE = "generation_samples.json"  # an MLflow table (log_table), which the UI's Artifact evaluation view compares
 
 
-def fixed_prompts(rows, eos_token_id: int, count: int) -> list[tuple[list[int], list[int]]]:
+def answer_ends(datamodule, tokenizer) -> list[int]:
+    """Where an answer ends, as the export tells generate.py (tunelab.export.PromptFormat.stop_ids): the EOS, and for
+    chat rows the end-of-turn token the template writes after each answer, which need not be the EOS (Gemma's
+    <end_of_turn>)."""
+    if getattr(datamodule, "resolved_format", None) == "chat":
+        return end_of_turn_ids(tokenizer)
+    return [tokenizer.eos_token_id]
+
+
+def fixed_prompts(rows, ends: list[int], count: int) -> list[tuple[list[int], list[int]]]:
     """(prompt, expected answer) token ids of the first `count` rows with a prompt and a whole answer: label -100 marks
-    the prompt, and an answer that max_length did not cut ends with EOS (a chat row's answer: its first assistant
-    turn). Rows of another form than tunelab's tokenized rows (mappings with input_ids and labels), as a user's data
-    module may hold, give none."""
+    the prompt, and an answer that max_length did not cut ends with one of `ends` (a chat row's answer: its first
+    assistant turn). Rows of another form than tunelab's tokenized rows (mappings with input_ids and labels), as a
+    user's data module may hold, give none."""
     prompts = []
     for row in rows:
         if not isinstance(row, Mapping) or not {"input_ids", "labels"} <= row.keys():
@@ -30,7 +39,7 @@ def fixed_prompts(rows, eos_token_id: int, count: int) -> list[tuple[list[int], 
         start = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), 0)
         # A chat row's first assistant turn: its answer ends where the next unlabelled token (a user turn) starts.
         end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE_INDEX), len(labels))
-        if start > 0 and labels[end - 1] == eos_token_id:
+        if start > 0 and labels[end - 1] in ends:
             prompts.append((list(row["input_ids"][:start]), list(labels[start:end])))
             if len(prompts) == count:
                 break
@@ -56,9 +65,10 @@ def generation_context(wrapped: torch.nn.Module):
 
 class GenerationSamples(pl.Callback):
     """At each validation, greedy answers (KV cache on) to the `count` first validation rows that have a whole
-    answer, up to `max_new_tokens` each; logs `val/generated_exact_match`, the share whose answer through EOS equals
-    the expected one, so it can serve as objective.metric; rank 0 appends the samples (prompt, expected, generated,
-    step) to the MLflow table generation_samples.json, and the run summary shows the last ones.
+    answer, up to `max_new_tokens` each; logs `val/generated_exact_match`, the share whose answer through its end (the
+    EOS, or a chat template's end-of-turn) equals the expected one, so it can serve as objective.metric; rank 0
+    appends the samples (prompt, expected, generated, step) to the MLflow table generation_samples.json, and the run
+    summary shows the last ones.
 
     The prompts are the data module's `val` rows (tokenized rows: input_ids, and labels -100 over the prompt), decoded
     with its `tokenizer`; the LightningModule's `model` answers, in the eval mode of validation. A run whose data
@@ -69,6 +79,7 @@ class GenerationSamples(pl.Callback):
         self.count = count
         self.max_new_tokens = max_new_tokens
         self.prompts: list[tuple[list[int], list[int]]] | None = None
+        self.ends: list[int] = []
         self.last: list[dict] = []
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -78,12 +89,13 @@ class GenerationSamples(pl.Callback):
         if trainer.sanity_checking or tokenizer is None or rows is None or not hasattr(model, "generate"):
             return
         if self.prompts is None:
-            self.prompts = fixed_prompts(rows, tokenizer.eos_token_id, self.count)
+            self.ends = answer_ends(trainer.datamodule, tokenizer)
+            self.prompts = fixed_prompts(rows, self.ends, self.count)
         if not self.prompts:
             return
         sharded = trainer.world_size > 1 and shards_model(trainer.strategy)
         with generation_context(trainer.strategy.model):
-            answers = [greedy_answer(model, prompt, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            answers = [greedy_answer(model, prompt, self.ends, tokenizer.pad_token_id,
                                      self.max_new_tokens, pl_module.device, synced_gpus=sharded)
                        for prompt, _ in self.prompts]
         matches = [answer == expected for answer, (_, expected) in zip(answers, self.prompts)]

@@ -19,8 +19,8 @@ step and kept in the checkpoint, so a resumed full fine-tune does not take its t
 
 Chosen and rejected go through the model in one forward (the collator stacks them). With the fused loss path
 (kernels.loss=chunked or liger, the default on GPUs) the log-probabilities of the answer tokens come from the last
-hidden state and the output projection a chunk of tokens at a time, never the (tokens x vocab) logits.
-Checked against trl's DPOTrainer in tests/test_dpo.py.
+hidden state and the output projection a chunk of tokens at a time, never the (tokens x vocab) logits
+(tunelab.modules.logprobs). Checked against trl's DPOTrainer in tests/test_dpo.py.
 """
 
 from contextlib import nullcontext
@@ -35,7 +35,6 @@ from transformers import PreTrainedModel
 from tunelab.kernels import model_loss
 from tunelab.modules.base import FineTuningModule
 from tunelab.modules.logprobs import sequence_logps
-
 
 
 # ── the loss ──────────────────────────────────────────────────────────────────────────────────────────────────────
