@@ -25,10 +25,11 @@ services:
 	bash .ci/services.sh
 
 # Two test files at a time (most tests wait on a train.py subprocess), one thread per process: torch's default of one
-# thread per core in each of them oversubscribes a 2-core machine many times over.
+# thread per core in each of them oversubscribes a 2-core machine many times over. Files go out in tests/conftest.py's
+# order (the longest first), not xdist's (the most tests first).
 TEST_WORKERS ?= 2
 test: install services
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # On a machine with 2+ CUDA GPUs: FSDP export/resume over two ranks, sweeps of multi-GPU trials, QLoRA on a GPU
 # (`make test` skips the multi-GPU ones where there are fewer GPUs).

@@ -1,10 +1,13 @@
 """Shared helpers: compose the real config, and run the real `train.py` in a subprocess on the embedded default."""
 
+import atexit
 import importlib.util
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,21 @@ EVAL_AUTO_ON = {"TUNELAB_EVAL_AUTO": "embedded"}
 
 # Keep test runs short and quiet; each test adds what it is about.
 FAST = ["trainer.max_steps=20", "trainer.val_check_interval=10", "data.num_examples=400", "callbacks.progress_bar=null"]
+
+
+# The files that take longest, longest first. `make test` hands whole files to its two workers in collection order
+# (--dist loadfile --no-loadscope-reorder), each worker taking the next file as it runs out: long files first leave
+# short ones to fill the end. xdist's own order (files with the most tests first) left the few-test long files (the
+# default job, the two-turn chat runs, SLURM) to the end, where one worker ran on alone (BENCHMARKS.md, the suite in
+# 15 minutes). Files not named keep their order, after these.
+LONGEST_FIRST = ["test_dpo.py", "test_eval.py", "test_chat.py", "test_resume.py", "test_sweep.py", "test_default_job.py",
+                 "test_slurm.py", "test_scale_out.py", "test_pruning_signals.py", "test_fsdp2.py", "test_divergence.py",
+                 "test_preemption.py", "test_generation.py", "test_mixing.py", "test_fast_path.py", "test_mlflow_ui.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests stay in their order
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +72,31 @@ def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path) -> D
     return cfg
 
 
+_EMPTY_STORE: list[Path] = []
+
+
+def empty_mlflow_store(uri: str) -> str:
+    """`uri` itself. Where it names a SQLite file not yet there, the file starts as a copy of an empty store MLflow made
+    once per test process: MLflow's creation of a store (its schema migrations) takes seconds per store (21 s beside
+    other work on the 2-core machine, 0.4 s to open a copy), and nearly every test run starts a store of its own."""
+    path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if path is None or path.exists() or not path.parent.is_dir():
+        return uri
+    if not _EMPTY_STORE:
+        from mlflow.tracking import MlflowClient
+
+        directory = Path(tempfile.mkdtemp(prefix="tunelab-empty-mlflow-"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        MlflowClient(f"sqlite:///{directory / 'mlflow.db'}").search_experiments()  # MLflow creates its tables
+        _EMPTY_STORE.append(directory / "mlflow.db")
+    shutil.copyfile(_EMPTY_STORE[0], path)
+    return uri
+
+
 def subprocess_env(tmp_path: Path, cache_dir: Path, tracking_uri: str | None = None) -> dict:
     """The environment of a train.py subprocess: the shared datasets cache, and an MLflow store under tmp_path."""
     return {**os.environ, "TUNELAB_CACHE": str(cache_dir), "PYTHONUNBUFFERED": "1",
-            "MLFLOW_TRACKING_URI": tracking_uri or f"sqlite:///{tmp_path / 'mlflow.db'}"}
+            "MLFLOW_TRACKING_URI": empty_mlflow_store(tracking_uri or f"sqlite:///{tmp_path / 'mlflow.db'}")}
 
 
 def run_train(args: list[str], run_dir: Path, cache_dir: Path, tracking_uri: str | None = None, check: bool = True,

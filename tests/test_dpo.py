@@ -89,13 +89,38 @@ def trl_oracle(policy, reference, batch: dict, beta: float, loss_type: str, labe
         ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected")]}
 
 
+def precompute_the_reference(module, tokenizer) -> None:
+    """reference=precomputed's table of the PAIRS, computed as a run computes it: by DPOModule's own hook under a real
+    Trainer, over a loader of the pairs in batches of 2 (so each pair's row of the table is found by its index)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from tunelab.data.preference import PairTokenizer, PreferenceCollator
+
+    tokenize = PairTokenizer("alpaca", ("{instruction} {input}=", "{instruction}="), tokenizer, max_length=48)
+
+    class Pairs(pl.LightningDataModule):
+        def pairs_loader(self, split):
+            return DataLoader([{**tokenize(pair), "index": i} for i, pair in enumerate(PAIRS)], batch_size=2,
+                              collate_fn=PreferenceCollator(tokenizer.pad_token_id))
+
+        def val_dataloader(self):
+            return self.pairs_loader("val")
+
+    pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        module, datamodule=Pairs(), verbose=False)
+    assert module.reference_table["val"].shape == (len(PAIRS), 2)
+
+
 @pytest.mark.parametrize("loss_type,label_smoothing,sft_weight", [
     ("sigmoid", 0.0, 0.0), ("ipo", 0.0, 0.0), ("robust", 0.2, 0.0), ("sigmoid", 0.0, 0.7),
 ], ids=["sigmoid", "ipo", "robust", "sigmoid_sft"])
-@pytest.mark.parametrize("peft", ["lora", "none"], ids=["lora_adapter_off", "full_frozen_copy"])
+@pytest.mark.parametrize("peft,reference", [("lora", "auto"), ("none", "auto"), ("lora", "precomputed"),
+                                            ("none", "precomputed")],
+                         ids=["lora_adapter_off", "full_frozen_copy", "lora_precomputed", "full_precomputed"])
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "chunked"])
-def test_loss_and_rewards_equal_trls_dpo_on_the_same_batch(tmp_path, dataset_cache, peft, loss_type, label_smoothing,
-                                                           sft_weight, fused):
+def test_loss_and_rewards_equal_trls_dpo_on_the_same_batch(tmp_path, dataset_cache, peft, reference, loss_type,
+                                                           label_smoothing, sft_weight, fused):
     from tunelab.modules.dpo import DPOModule
     from tunelab.kernels import FusedLinearLoss
     from tunelab.kernels import model_loss
@@ -105,13 +130,15 @@ def test_loss_and_rewards_equal_trls_dpo_on_the_same_batch(tmp_path, dataset_cac
     beta = 0.3
     loss = FusedLinearLoss(model, chunk_size=7, use_liger=False) if fused else model_loss
     module = DPOModule(model, cfg.optim, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
-                       sft_weight=sft_weight, loss=loss)
-    assert module.reference == ("adapter" if peft == "lora" else "copy")
-    reference = None if peft == "lora" else copy.deepcopy(model)  # trl's ref_model: the model before training
+                       sft_weight=sft_weight, reference=reference, loss=loss)
+    assert module.reference == {"auto": "adapter" if peft == "lora" else "copy"}.get(reference, reference)
+    if reference == "precomputed":
+        precompute_the_reference(module, tokenizer)  # from the model before training, its adapter off
+    their_reference = None if peft == "lora" else copy.deepcopy(model)  # trl's ref_model: the model before training
     move_policy_away(model)
 
-    ours, metrics = module.pair_loss(batch, "train")
-    theirs, their_metrics = trl_oracle(model, reference, batch, beta, loss_type, label_smoothing, sft_weight)
+    ours, metrics = module.pair_loss(batch, "val" if reference == "precomputed" else "train")
+    theirs, their_metrics = trl_oracle(model, their_reference, batch, beta, loss_type, label_smoothing, sft_weight)
     assert ours.item() == pytest.approx(theirs, rel=0, abs=1e-5)
     assert abs(their_metrics["rewards/margin"]) > 1e-3  # the policy really moved off its reference
     for name, value in their_metrics.items():

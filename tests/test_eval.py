@@ -266,3 +266,27 @@ def test_shipped_rows_are_held_out_from_the_default_job(tmp_path):
 
     trained_on = {(r["instruction"], r["input"]) for r in map(json.loads, write_tiny_task(tmp_path, 4000, 1234).open())}
     assert not trained_on & {(r["instruction"], r["input"]) for r in shipped}
+
+
+def test_a_resumed_lora_run_with_no_cached_base_scores_its_base_with_the_adapter_off(tmp_path):
+    """Where no base results are cached, a resumed LoRA run scores its base by switching its trained adapter off: the
+    scores the first run had of its base, not those of the adapter it resumes with."""
+    import shutil
+
+    cache, run_dir = tmp_path / "cache", tmp_path / "run"
+    lora = ["peft=lora", "eval=tiny", "eval.tasks=[tunelab_tiny_choice]", "eval.limit=30", "trainer.val_check_interval=10",
+            "data.num_examples=300", "callbacks.progress_bar=null", "callbacks.samples=null", "callbacks.early_stopping=null",
+            "export=false", "logger=none", "validate_at_start=false"]
+
+    def scores(name: str) -> dict:
+        return {k: v for k, v in json.loads((run_dir / name).read_text())["results"]["tunelab_tiny_choice"].items()
+                if k != "alias"}
+
+    run_train([*lora, "trainer.max_steps=10"], run_dir, cache, extra_env=OFFLINE)
+    base, adapted = scores("lm_eval_base_results.json"), scores("lm_eval_results.json")
+    assert adapted["acc,none"] != base["acc,none"]  # the adapter it resumes with scores otherwise
+    shutil.rmtree(cache / "eval_base")
+    (run_dir / "lm_eval_base_results.json").unlink()
+    resumed = run_train([*lora, "trainer.max_steps=12", "ckpt_path=last"], run_dir, cache, extra_env=OFFLINE)
+    assert "Restoring states from the checkpoint path" in resumed.stdout + resumed.stderr
+    assert scores("lm_eval_base_results.json") == pytest.approx(base, abs=1e-9)

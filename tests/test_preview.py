@@ -16,6 +16,7 @@ from tunelab.tiny_task import OPERATIONS
 
 # A row of the embedded task as the char tokenizer decodes it: BOS, the prompt, then « the answer and EOS » trained.
 ROW = re.compile(r"<s>(reverse|upper|double) ([a-p]+)=«(.*)</s>»")
+UNMARKED = re.compile(r"<s>(reverse|upper|double) ([a-p]+)=(.*)</s>")
 
 
 def preview(tmp_path, cache, *args: str) -> str:
@@ -54,7 +55,29 @@ def test_preview_of_the_embedded_task(tmp_path, dataset_cache):
     assert text.count("\nrow ") == 3 and text.startswith("── first 3 training rows")
     assert assert_rows_marked(example_lines(text)) == 3
     assert re.search(r"lengths \(tokens, 380 training rows\): min \d+  median \d+  p90 \d+", text)
-    assert "trained tokens: " in text and "packing" not in text and "mix per epoch" not in text
+    assert "packing" not in text and "mix per epoch" not in text
+    # The share of trained tokens over the 380 training rows, counted from the rows' text: each row's answer and EOS.
+    answers, tokens = trained_share_of_the_embedded_task(tmp_path, dataset_cache, "data.num_examples=400")
+    assert f"trained tokens: {answers / tokens:.1%} of all tokens" in text
+    assert 0.2 < answers / tokens < 0.5
+
+
+def trained_share_of_the_embedded_task(tmp_path, cache, *args: str) -> tuple[int, int]:
+    """(answer tokens with their EOS, all tokens) over the training rows of the embedded task: a character a token."""
+    from tests.conftest import compose_config
+    from tunelab.data import build_datamodule
+
+    cfg = compose_config(list(args), tmp_path / "composed", cache)
+    tokenizer = build_char_tokenizer()
+    datamodule = build_datamodule(cfg.data, tokenizer)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    answers = tokens = 0
+    for ids in datamodule.train["input_ids"]:
+        operation, word, answer = UNMARKED.fullmatch(tokenizer.decode(ids, skip_special_tokens=False)).groups()
+        assert answer == OPERATIONS[operation](word)
+        answers, tokens = answers + len(answer) + 1, tokens + len(ids)
+    return answers, tokens
 
 
 def test_preview_of_a_packed_two_source_mix(tmp_path, dataset_cache):

@@ -41,6 +41,19 @@ class RecordedFork(CooldownFork):
         super().cool_down(trainer, pl_module, optimizer, params)
 
 
+class RecordedAverage(WeightAverage):
+    """The average, keeping a copy of what it holds at each validation it validates (step -> tensors)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.stored = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.global_step < trainer.max_steps and not trainer.sanity_checking:
+            self.stored[trainer.global_step] = [a.clone() for a in self.average]
+        super().on_validation_end(trainer, pl_module)
+
+
 def fit(peft: str, tmp_path, cache, *signals: pl.Callback):
     """A 20-step run of the embedded task, validated every 5 batches of an epoch, built as train.py builds it."""
     from tunelab.data import build_datamodule
@@ -65,7 +78,7 @@ def fit(peft: str, tmp_path, cache, *signals: pl.Callback):
 @pytest.mark.parametrize("peft", ["lora", "none"])
 def test_a_run_with_forks_and_averaged_weights_ends_bitwise_as_one_without(peft, tmp_path, dataset_cache):
     plain, plain_trainer, plain_record = fit(peft, tmp_path / "plain", dataset_cache)
-    fork, average = RecordedFork(steps=3), WeightAverage(decay=0.8)
+    fork, average = RecordedFork(steps=3), RecordedAverage(decay=0.8)
     signalled, signalled_trainer, record = fit(peft, tmp_path / "signals", dataset_cache, fork, average)
 
     # The signals were taken at each validation before the last step, and are values of their own.
@@ -92,6 +105,18 @@ def test_a_run_with_forks_and_averaged_weights_ends_bitwise_as_one_without(peft,
     for weights in record.weights[1:]:
         expected = [0.8 * e + 0.2 * w for e, w in zip(expected, weights)]
     assert all(torch.allclose(a, e, rtol=1e-5, atol=1e-7) for a, e in zip(average.average, expected, strict=True))
+
+    # val/loss_ema is the val/loss Lightning's own validation loop gives the weights the average held at that step.
+    ema = {v["step"]: v["val/loss_ema"] for v in record.validations if v["step"] < 20}
+    assert sorted(average.stored) == sorted(ema)
+    params = [p for p in signalled.parameters() if p.requires_grad]
+    for step, stored in average.stored.items():
+        with torch.no_grad():
+            for param, value in zip(params, stored, strict=True):
+                param.copy_(value)
+        validator = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+        (metrics,) = validator.validate(signalled, datamodule=signalled_trainer.datamodule, verbose=False)
+        assert ema[step] == pytest.approx(metrics["val/loss"], rel=1e-5), step
 
 
 @pytest.mark.parametrize("make, message", [
