@@ -102,10 +102,12 @@ class StudyLoop:
         self.heartbeat = Heartbeat(self.storage, s.heartbeat_interval)
         self.worker = this_worker()
         self.in_flight: list = []  # asked, not yet told
+        self.ran: list[int] = []  # ids of the trials this process ran to an end
         status = "FAILED"
         try:
             self.run_trials()
-            report(s, self.study, summary(s, self.study, self.counted(), self.n_trials), self.run_log)
+            ran = [self.storage.get_trial(id) for id in self.ran]
+            report(s, self.study, summary(s, self.study, self.counted(), self.n_trials, ran, self.slots), self.run_log)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -226,6 +228,7 @@ class StudyLoop:
     def tell(self, trial, result) -> None:
         from tunelab.sweep.trial import PRUNED_ATTR
 
+        self.ran.append(trial._trial_id)
         TrialState = self.optuna.trial.TrialState
         try:
             value = float(result.return_value)  # re-raises what the job raised

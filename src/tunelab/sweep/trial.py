@@ -106,7 +106,9 @@ def study_trial_callbacks(cfg: DictConfig, logger=None) -> list[pl.Callback]:
         return []
     trial = open_trial(hydra.sweeper, hydra.job.num, cfg.trainer.max_steps)
     trial.set_user_attr(RUN_DIR_ATTR, str(cfg.paths.output_dir))  # where a re-run of this trial finds its checkpoint
-    trial.set_user_attr(STARTED_ATTR, psutil.Process().create_time())
+    # Its process's start, unless the process is older than the trial: Hydra's in-process launcher runs every trial in
+    # the sweep's own process, where a trial starts when it is asked.
+    trial.set_user_attr(STARTED_ATTR, max(psutil.Process().create_time(), trial.datetime_start.timestamp()))
     attach_run(trial, logger, OmegaConf.select(cfg, "logger.run_name"))
     lr_area_of = cfg.optim if hydra.sweeper.pruner.get("clock") == "lr_area" else None
     signal = hydra.sweeper.get("signal")
