@@ -161,9 +161,9 @@ class TorchrunLauncher(Launcher):
             self.cpu_trials = 0
             processes = self.nproc_per_node or trial_processes(config, len(self.gpus))
             if processes > len(self.gpus):
-                sys.exit(f"tunelab: error: each trial runs {processes} ranks, one per GPU, and this node has "
-                         f"{len(self.gpus)} GPUs (CUDA_VISIBLE_DEVICES={','.join(self.gpus)}): lower trainer.devices "
-                         f"(or hydra.launcher.nproc_per_node) to {len(self.gpus)} or fewer")
+                sys.exit(f"tunelab: error: each trial runs {processes} ranks, one per GPU, and this node has only "
+                         f"GPUs {','.join(self.gpus)} (CUDA_VISIBLE_DEVICES): lower trainer.devices (or "
+                         f"hydra.launcher.nproc_per_node) to {len(self.gpus)} or fewer")
         else:
             n_jobs = OmegaConf.select(config, "hydra.sweeper.n_jobs", default=None)  # the sweeper checks it
             self.cpu_trials = self.max_parallel or (n_jobs if isinstance(n_jobs, int) and n_jobs > 0 else 1)
