@@ -106,7 +106,7 @@ class StudyLoop:
         status = "FAILED"
         try:
             self.run_trials()
-            ran = [self.storage.get_trial(id) for id in self.ran]
+            ran = [self.storage.get_trial(trial_id) for trial_id in self.ran]
             report(s, self.study, summary(s, self.study, self.counted(), self.n_trials, ran, self.slots), self.run_log)
             status = "FINISHED"
         except KeyboardInterrupt:
