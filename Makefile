@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: install train test test-gpu services ui bench bench-scale-out bench-sweep bench-pruning bench-cli bench-data clean
+.PHONY: install train test test-gpu services ui bench bench-scale-out bench-sweep bench-sweep-dispatch bench-pruning bench-cli bench-data clean
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,11 @@ bench-scale-out: install
 # Sweep efficiency on the embedded task: 20 trials without and with pruning (about 15 minutes on 2 CPU cores).
 bench-sweep: install
 	bash benchmarks/sweep_efficiency.sh
+
+# Slot occupancy (issue 34): a 12-trial sweep on 2 CPU slots with lora_search's pruner, batch against asynchronous
+# dispatch: wall time and how busy the slots were (about 25 minutes on 2 CPU cores).
+bench-sweep-dispatch: install
+	bash benchmarks/sweep_dispatch.sh
 
 # Pruners replayed offline (issues 14, 21): 40 seeds per sampler (TPE, random, GP) x pruner on recorded validation
 # curves, beside unpruned sweeps of the first 7, 10 and 14 trials (the baseline a pruner must beat at equal

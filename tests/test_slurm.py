@@ -159,6 +159,36 @@ def test_a_sweep_trial_preempted_by_scancel_usr1_is_requeued_counts_once_and_end
     assert_one_line_about_sacct(text)
 
 
+def test_an_asynchronous_two_slot_sweep_submits_a_job_for_each_trial_as_a_slot_frees(
+        slurm_cluster, mlflow_server, postgres_url, tmp_path, dataset_cache):
+    # Trial 0 trains eight times the steps of the others: trial 2 is submitted, as a job of its own, when trial 1
+    # ends, while trial 0 still runs; an array of two would have held trial 1's place until trial 0 ended.
+    experiment, lengths = "slurm-async", [80, 10, 10, 10]
+    study = optuna.create_study(study_name="async", storage=postgres_url)
+    for steps in lengths:
+        study.enqueue_trial({"trainer.max_steps": steps})
+    multirun = Multirun(slurm_cluster, tmp_path, dataset_cache, mlflow_server, *SHORT[2:], "sweep=lora_search",
+                        "hydra.sweeper.params=null", "trainer.max_steps=choice(10,80)", "trainer.val_check_interval=10",
+                        f"hydra.sweeper.storage={postgres_url}", "hydra.sweeper.study_name=async",
+                        "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2", "hydra/sweeper/pruner=none",
+                        f"experiment_name={experiment}")
+    text = multirun.succeed()
+
+    trials = optuna.load_study(study_name="async", storage=postgres_url).trials
+    assert [(t.state, t.params["trainer.max_steps"]) for t in trials] == [(TrialState.COMPLETE, n) for n in lengths]
+    assert "trials       {'COMPLETE': 4} of n_trials=4" in text
+    jobs = [multirun.job_id(n) for n in range(4)]
+    assert len({job.split("_")[0] for job in jobs}) == 4, jobs  # a SLURM job for each trial, no array of a batch
+    started = {t.number: t.user_attrs["started_at"] for t in trials}
+    ended = {t.number: t.user_attrs["ended_at"] for t in trials}
+    assert ended[1] < started[2] < ended[0], (started, ended)
+    runs = experiment_runs(MlflowClient(mlflow_server), experiment)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 4 and {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert {r.info.status for r in runs} == {"FINISHED"}
+
+
 def test_ddp_runs_as_two_slurm_tasks_of_one_job(slurm_cluster, tmp_path, dataset_cache):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     multirun = Multirun(slurm_cluster, tmp_path, dataset_cache, uri, *SHORT, "strategy=ddp", "trainer.devices=2")

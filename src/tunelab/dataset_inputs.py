@@ -81,7 +81,15 @@ class DatasetInputLogger(pl.Callback):
         if not isinstance(logger, MLFlowLogger) or dm is None or not trainer.is_global_zero:
             return
         if inputs := dataset_inputs(dm):
-            logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+            from mlflow.exceptions import MlflowException
+
+            try:
+                logger.experiment.log_inputs(logger.run_id, datasets=inputs)
+            except MlflowException:
+                # Sweep trials that start together log the same dataset: MLflow's store looks it up, finds none and
+                # inserts it, and the later of two inserts breaks the unique key (UNIQUE constraint failed:
+                # datasets.experiment_id, datasets.name, datasets.digest). A second try finds it and links it.
+                logger.experiment.log_inputs(logger.run_id, datasets=inputs)
         from tunelab.data import InstructionDataModule
         from tunelab.data.preview import preview_text
 

@@ -10,6 +10,7 @@ line says so and every poll asks `squeue` instead, whose states name such an end
 import getpass
 import logging
 import subprocess
+import threading
 
 from submitit.slurm.slurm import SlurmInfoWatcher, SlurmJob
 
@@ -32,6 +33,17 @@ class SlurmJobStates(SlurmInfoWatcher):
         super().__init__(delay_s)
         self.source: str | None = None  # "sacct" or "squeue", decided at the first poll
         self.polled: set[str] = set()
+        # A study sweep waits on each trial's job from a thread of its own; submitit's watcher is not thread-safe
+        # (a job registered during a poll changes the set the poll iterates over).
+        self.lock = threading.RLock()
+
+    def register_job(self, job_id: str) -> None:
+        with self.lock:
+            super().register_job(job_id)
+
+    def update(self) -> None:
+        with self.lock:
+            super().update()
 
     def _make_command(self) -> list[str] | None:
         command = super()._make_command()

@@ -1,5 +1,6 @@
 """hydra/launcher=slurm: hydra-submitit-launcher's SLURM launcher, whose jobs' states come from squeue where the
-cluster keeps no accounting (tunelab.slurm_status)."""
+cluster keeps no accounting (tunelab.slurm_status), and which tunelab's study sweeper calls from several threads at
+once, a job for each trial, submitted the moment a slot frees (tunelab.sweep.dispatch)."""
 
 import sys
 from collections.abc import Sequence
@@ -15,6 +16,10 @@ except ImportError:  # the optional extra tunelab[slurm]; Hydra imports every pl
 if SubmititSlurmLauncher is not None:
 
     class SlurmLauncher(SubmititSlurmLauncher):
+        # Each launch() builds its own executor and waits on its own jobs; the job states all jobs of this process
+        # share are polled under a lock (tunelab.slurm_status.SlurmJobStates).
+        concurrent_launches = True
+
         def __init__(self, **params: Any) -> None:
             super().__init__(**params)
             tasks = self.params["tasks_per_node"]

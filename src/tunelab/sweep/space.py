@@ -12,6 +12,9 @@ class SweepConfigError(ValueError):
     pass
 
 
+DISPATCH = ("async", "batch")  # hydra.sweeper.dispatch (tunelab.sweep.sweeper.StudyLoop.next_trials)
+
+
 @dataclass
 class SearchSpace:
     params: dict  # name -> optuna distribution, what the sampler proposes
@@ -44,8 +47,12 @@ def check_space(sweeper, space: SearchSpace) -> None:
     s = sweeper
     if not space.params:
         raise SweepConfigError("the sweep has no search space: give hydra.sweeper.params or `key=choice(...)` overrides")
-    if s.n_trials < 1 or s.n_jobs < 1:
-        raise SweepConfigError(f"hydra.sweeper.n_trials={s.n_trials} and n_jobs={s.n_jobs} must both be >= 1")
+    for key in ("n_trials", "n_jobs"):
+        value = getattr(s, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise SweepConfigError(f"hydra.sweeper.{key}={value} must be an integer >= 1")
+    if s.dispatch not in DISPATCH:
+        raise SweepConfigError(f"hydra.sweeper.dispatch={s.dispatch}: pick one of {', '.join(DISPATCH)}")
     if not 0 <= s.max_failure_rate <= 1:
         raise SweepConfigError(f"hydra.sweeper.max_failure_rate={s.max_failure_rate} must be within [0, 1]")
     if s.objective_mode() not in ("min", "max"):

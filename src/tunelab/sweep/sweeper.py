@@ -2,8 +2,9 @@
 is shared by parallel workers and is recorded in MLflow as one parent run with a child run per trial.
 
 Hydra imports every plugin on each start of train.py, so optuna and mlflow are imported only when a sweep runs.
-The parts: `space` reads and checks what is searched, this module proposes, launches and tells trials, `recovery`
-re-runs the trials of dead workers, `summary` reports the outcome, `tracking` records it all in MLflow.
+The parts: `space` reads and checks what is searched, this module proposes and tells trials, `dispatch` keeps n_jobs
+of them in flight on the launcher, `recovery` re-runs the trials of dead workers, `summary` reports the outcome,
+`tracking` records it all in MLflow.
 """
 
 import logging
@@ -30,13 +31,14 @@ class StudySweeper(Sweeper):
     def __init__(self, sampler: DictConfig, pruner: DictConfig, storage: str, study_name: str, n_trials: int,
                  n_jobs: int = 1, max_failure_rate: float = 0.5, heartbeat_interval: int = 30,
                  grace_period: int = 120, params: DictConfig | None = None, signal: str | None = None,
-                 fork_steps: int = 5, pruned_trials: str = "optuna"):
+                 fork_steps: int = 5, pruned_trials: str = "optuna", dispatch: str = "async"):
         self.sampler = sampler
         self.pruner = pruner
         self.storage = str(storage)
         self.study_name = str(study_name)
         self.n_trials = n_trials
-        self.n_jobs = n_jobs
+        self.n_jobs = n_jobs  # trials in flight (tunelab.sweep.dispatch)
+        self.dispatch = dispatch  # async: the next trial starts as one ends; batch: once all n_jobs have ended
         self.max_failure_rate = max_failure_rate
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
@@ -62,7 +64,7 @@ class StudySweeper(Sweeper):
 
 
 class StudyLoop:
-    """One sweep process: asks trials while the study has room, launches them, tells their outcome."""
+    """One sweep process: keeps up to n_jobs trials in flight while the study has room, tells each as it ends."""
 
     def __init__(self, sweeper: StudySweeper, arguments: list[str]):
         import optuna
@@ -99,13 +101,13 @@ class StudyLoop:
                                                                  public_location(s.storage))
         self.heartbeat = Heartbeat(self.storage, s.heartbeat_interval)
         self.worker = this_worker()
-        self.in_flight: list = []
+        self.in_flight: list = []  # asked, not yet told
+        self.ran: list[int] = []  # ids of the trials this process ran to an end
         status = "FAILED"
         try:
-            while trials := self.next_trials():
-                self.launch(trials)
-                self.check_failures()
-            report(s, self.study, summary(s, self.study, self.counted(), self.n_trials), self.run_log)
+            self.run_trials()
+            ran = [self.storage.get_trial(trial_id) for trial_id in self.ran]
+            report(s, self.study, summary(s, self.study, self.counted(), self.n_trials, ran, self.slots), self.run_log)
             status = "FINISHED"
         except KeyboardInterrupt:
             status = "KILLED"
@@ -117,6 +119,28 @@ class StudyLoop:
                 self.lost_trials.queue_rerun(self.storage.get_trial(trial._trial_id))
             if self.run_log is not None:
                 self.run_log.finish(status)
+
+    def run_trials(self) -> None:
+        """Starts trials while there are free slots and room in the study, tells each the moment it ends; returns
+        once the study is full and no trial runs, here or (heartbeats on) on another worker. Too many failures stop
+        the asking: the trials in flight end and are told, then the sweep stops with one line."""
+        from tunelab.sweep.dispatch import Launches, trials_at_once
+
+        self.slots = trials_at_once(self.sweeper.launcher, self.sweeper.n_jobs)
+        launches = Launches(self.sweeper.launcher, threads=self.slots > 1)
+        while True:
+            for trial in self.next_trials():
+                launches.start(trial, self.overrides(trial))
+            if self.in_flight:
+                self.tell(*launches.next_ended())
+            elif not self.too_many_failures() and (running := self.running_elsewhere()):
+                # One of them may turn out lost, and its place in n_trials come back.
+                log.info("waiting for trials %s of other workers", running)
+                time.sleep(min(5, self.sweeper.heartbeat_interval))
+            else:
+                break
+        if failures := self.too_many_failures():
+            raise SweepConfigError(failures)
 
     def open_study(self):
         s, optuna = self.sweeper, self.optuna
@@ -138,28 +162,28 @@ class StudyLoop:
                 and (t.state != TrialState.FAIL or FAILURE_ATTR in t.user_attrs)]
 
     def next_trials(self) -> list:
-        """The trials to run next; none once the study is full and no other worker runs a trial. While other workers'
-        trials fill it, waits: one of them may turn out lost, and its place comes back."""
-        while not (trials := self.ask()) and (running := self.running_elsewhere()):
-            log.info("waiting for trials %s of other workers", running)
-            time.sleep(min(5, self.sweeper.heartbeat_interval))
+        """A trial for each free slot while the study has room; with dispatch=batch, none until every trial in
+        flight has ended."""
+        if self.too_many_failures() or (self.sweeper.dispatch == "batch" and self.in_flight):
+            return []
+        trials = []
+        while len(self.in_flight) < self.slots and (trial := self.ask()) is not None:
+            trials.append(trial)
         return trials
 
     def running_elsewhere(self) -> list[int]:
         if not self.heartbeat.enabled:
             return []  # without heartbeats a dead worker's trial would be waited for forever
-        return [t.number for t in self.counted() if t.state == self.optuna.trial.TrialState.RUNNING]
+        ours = {t.number for t in self.in_flight}
+        return [t.number for t in self.counted() if t.state == self.optuna.trial.TrialState.RUNNING
+                and t.number not in ours]
 
-    def ask(self) -> list:
+    def ask(self):
+        """A new trial, a queued one first; None once the trials counted fill n_trials."""
         self.lost_trials.fail()
-        room = min(self.sweeper.n_jobs, self.n_trials - len(self.counted()))
-        trials = []
-        for _ in range(max(room, 0)):
-            trial = self.ask_one()
-            if trial is None:
-                break
-            trials.append(trial)
-        return trials
+        if len(self.counted()) >= self.n_trials:
+            return None
+        return self.ask_one()
 
     def ask_one(self):
         from tunelab.sweep.recovery import WORKER_ATTR
@@ -197,22 +221,14 @@ class StudyLoop:
             return sampler(self.space.grid)
         return PrunedAsReported(sampler) if self.sweeper.pruned_trials == "reported" else sampler
 
-    def launch(self, trials: list) -> None:
-        launcher = self.sweeper.launcher
-        for batch in consecutive(trials):
-            overrides = [
-                tuple(f"{k}={v}" for k, v in {**t.params, **self.space.fixed,
-                                              **self.lost_trials.resume_overrides(t)}.items())
-                + tuple(self.space.fixed_overrides)
-                for t in batch
-            ]
-            # The job number is the trial number: it names the job's dir and lets the job re-open its trial.
-            for trial, result in zip(batch, launcher.launch(overrides, initial_job_idx=batch[0].number)):
-                self.tell(trial, result)
+    def overrides(self, trial) -> list[str]:
+        params = {**trial.params, **self.space.fixed, **self.lost_trials.resume_overrides(trial)}
+        return [f"{k}={v}" for k, v in params.items()] + list(self.space.fixed_overrides)
 
     def tell(self, trial, result) -> None:
         from tunelab.sweep.trial import PRUNED_ATTR
 
+        self.ran.append(trial._trial_id)
         TrialState = self.optuna.trial.TrialState
         try:
             value = float(result.return_value)  # re-raises what the job raised
@@ -241,21 +257,11 @@ class StudyLoop:
         if self.run_log is not None and not trial.user_attrs.get(SURPLUS_ATTR):
             self.run_log.record_trial(self.storage.get_trial(trial._trial_id))
 
-    def check_failures(self) -> None:
+    def too_many_failures(self) -> str | None:
+        """The line that stops the sweep once more trials have failed than max_failure_rate allows; else None."""
         failures = [t for t in self.counted() if FAILURE_ATTR in t.user_attrs]
-        allowed = self.sweeper.max_failure_rate * self.n_trials
-        if len(failures) > allowed:
-            raise SweepConfigError(
-                f"{len(failures)} trials failed, more than hydra.sweeper.max_failure_rate="
+        if len(failures) <= self.sweeper.max_failure_rate * self.n_trials:
+            return None
+        return (f"{len(failures)} trials failed, more than hydra.sweeper.max_failure_rate="
                 f"{self.sweeper.max_failure_rate} of n_trials={self.n_trials} allows; last: "
-                f"{failures[-1].user_attrs[FAILURE_ATTR]}".splitlines()[0])
-
-
-def consecutive(trials: list) -> list[list]:
-    runs: list[list] = []
-    for trial in trials:
-        if runs and trial.number == runs[-1][-1].number + 1:
-            runs[-1].append(trial)
-        else:
-            runs.append([trial])
-    return runs
+                f"{failures[-1].user_attrs[FAILURE_ATTR]}").splitlines()[0]

@@ -9,9 +9,11 @@ its number as job number).
 import functools
 import logging
 import os
+import time
 
 import lightning.pytorch as pl
 import optuna
+import psutil
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -30,6 +32,10 @@ RUN_ATTR = "mlflow_run_id"
 PRUNED_ATTR = "pruned_at_step"
 RUN_DIR_ATTR = "run_dir"
 REPLACES_ATTR = "replaces"  # on a trial that re-runs a lost or interrupted trial's params: that trial's number
+# When the trial's own process started and its training ended (Unix time): what it held its slot for. The study's
+# datetime_start and datetime_complete are the sweeper's ask and tell, which a launcher's waiting can stretch.
+STARTED_ATTR = "started_at"
+ENDED_ATTR = "ended_at"
 TRIAL_NUMBER_ENV = "TUNELAB_TRIAL_NUMBER"  # set by hydra/launcher=torchrun on the jobs it starts
 
 
@@ -69,6 +75,10 @@ class StudyTrialCallback(pl.Callback):
                 log.info("trial %d pruned at step %d", self.trial.number, trainer.global_step)
             trainer.should_stop = True
 
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.trial.set_user_attr(ENDED_ATTR, time.time())
+
 
 def attach_run(trial: optuna.Trial, logger, run_name: str | None) -> None:
     """Creates the job's MLflow run already nested under the study's run and tagged with the trial, and records it on
@@ -96,6 +106,9 @@ def study_trial_callbacks(cfg: DictConfig, logger=None) -> list[pl.Callback]:
         return []
     trial = open_trial(hydra.sweeper, hydra.job.num, cfg.trainer.max_steps)
     trial.set_user_attr(RUN_DIR_ATTR, str(cfg.paths.output_dir))  # where a re-run of this trial finds its checkpoint
+    # Its process's start, unless the process is older than the trial: Hydra's in-process launcher runs every trial in
+    # the sweep's own process, where a trial starts when it is asked.
+    trial.set_user_attr(STARTED_ATTR, max(psutil.Process().create_time(), trial.datetime_start.timestamp()))
     attach_run(trial, logger, OmegaConf.select(cfg, "logger.run_name"))
     lr_area_of = cfg.optim if hydra.sweeper.pruner.get("clock") == "lr_area" else None
     signal = hydra.sweeper.get("signal")
