@@ -135,3 +135,22 @@ def test_a_hub_dataset_streams_from_its_saved_state(tmp_path):
     first = [row for _, row in zip(range(11), reading)]
     rest = list(HubRows(str(directory), "train", str(tmp_path / "cache")).read(reading.position()))
     assert [r["instruction"] for r in first + rest] == [f"h{i}" for i in range(30)]
+
+
+def test_a_streamed_run_previews_its_first_rows_and_names_its_inputs(tmp_path, dataset_cache):
+    """preview.py and the run's data_preview.txt read a stream's first rows; its MLflow inputs are each source's
+    stream (no row count) and its held-out first rows."""
+    from tests.conftest import compose_config
+    from tunelab.data import build_datamodule
+    from tunelab.data.preview import preview_text
+    from tunelab.dataset_inputs import dataset_inputs
+
+    cfg = compose_config(["data.streaming=true", "data.packing=true", "data.pack_tokens=96", "data.max_val_examples=20"],
+                         tmp_path, dataset_cache)
+    dm = build_datamodule(cfg.data, build_char_tokenizer())
+    dm.setup("fit")
+    text = preview_text(dm, rows=2)
+    assert "row 2 (" in text and "streamed: the first 1,000 training examples" in text and "% full over" in text
+    inputs = {(i.dataset.name, i.tags[0].value): json.loads(i.dataset.profile) for i in dataset_inputs(dm)}
+    assert inputs == {("tiny-task", "training"): {"num_rows": 0, "streaming": True, "weight": 1.0},
+                      ("tiny-task", "validation"): {"num_rows": 20, "streaming": True, "weight": 1.0}}

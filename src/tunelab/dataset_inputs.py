@@ -28,7 +28,11 @@ def dataset_inputs(datamodule: pl.LightningDataModule) -> list:
 
     from tunelab.data import InstructionDataModule, RandomTokenDataModule
 
+    from tunelab.data.stream_datamodule import StreamingDataModule
+
     dm = datamodule
+    if isinstance(dm, StreamingDataModule) and dm.streams:
+        return [input for source, (_, val) in zip(dm.sources, dm.source_splits) for input in stream_inputs(source, val, dm)]
     if isinstance(dm, InstructionDataModule) and dm.train is not None:
         mixed = len(dm.sources) > 1  # each source its own pair of inputs, with its weight
         splits = dm.source_splits if mixed else [(dm.train, dm.val)]
@@ -44,6 +48,18 @@ def dataset_inputs(datamodule: pl.LightningDataModule) -> list:
         return [split_input("random-tokens", source, short_digest(generator, context, count), count, context)
                 for context, count in rows.items()]
     return []
+
+
+def stream_inputs(source, val, dm) -> list:
+    """A streamed source: its training stream (no row count: the run reads as far as trainer.max_steps takes it) and
+    its held-out first rows. The digest stands for the file (path, size, modification time) or Hub id and the order."""
+    where = Path(str(source.path)).expanduser() if source.source == "jsonl" else None
+    stamp = (where.stat().st_size, where.stat().st_mtime) if where is not None and where.is_file() else source.path
+    digest = short_digest(source, stamp, dm.seed, dm.shuffle_block)
+    profile = {"streaming": True, "weight": source.weight}
+    return [split_input(source.name, dataset_source(source, dm), digest, 0, "training", profile),
+            split_input(source.name, dataset_source(source, dm), short_digest(digest, "validation"), len(val),
+                        "validation", profile)]
 
 
 def dataset_source(source, dm):
@@ -93,5 +109,5 @@ class DatasetInputLogger(pl.Callback):
         from tunelab.data import InstructionDataModule
         from tunelab.data.preview import preview_text
 
-        if isinstance(dm, InstructionDataModule) and dm.train is not None:
+        if isinstance(dm, InstructionDataModule) and (dm.train is not None or getattr(dm, "streams", None)):
             logger.experiment.log_text(logger.run_id, preview_text(dm, PREVIEW_ROWS), PREVIEW_ARTIFACT)

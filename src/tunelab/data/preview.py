@@ -12,7 +12,9 @@ import torch
 
 from tunelab.data.collators import InstructionCollator, PackedCollator
 from tunelab.data.formats import IGNORE_INDEX
+from tunelab.data.checks import STREAM_CHECK_ROWS
 from tunelab.data.samplers import PackedBatchSampler, ResumableSampler
+from tunelab.data.streaming import STATE_KEY
 
 OPEN, CLOSE = "«", "»"
 GREEN, RESET = "\x1b[32m", "\x1b[0m"
@@ -36,6 +38,9 @@ def marked_text(input_ids: list[int], labels: list[int], tokenizer, colour: bool
 def first_rows(dm, count: int) -> list[dict[str, torch.Tensor]]:
     """The first `count` training rows of epoch 0 on one device, collated as the training loader does: one example a
     row (no padding needed), or packed rows of data.pack_tokens."""
+    if getattr(dm, "streams", None):  # data.streaming: the first rows of one consumer, the whole stream's
+        batches = dm.consumer_factory(batch_size=1)(consumer=0, consumers=1).batches()
+        return [{k: v for k, v in next(batches).items() if k != STATE_KEY} for _ in range(count)]
     if dm.packing:
         lengths = [len(ids) for ids in dm.train["input_ids"]]
         batches = list(PackedBatchSampler(lengths, dm.pack_tokens, dm.seed, order=dm.train_order))[:count]
@@ -82,6 +87,8 @@ def preview_text(dm, rows: int = 4, colour: bool = False) -> str:
         size = f"{len(examples)} examples, {used}/{batch['input_ids'].size(1)} tokens" if dm.packing else f"{used} tokens"
         lines.append(f"row {number} ({size}):")
         lines += [f"  {text}" for text in examples]
+    if getattr(dm, "streams", None):
+        return "\n".join(lines + ["", *stream_lines(dm)]) + "\n"
     lengths = np.array([len(ids) for ids in dm.train["input_ids"]])
     trained = sum(sum(label != IGNORE_INDEX for label in labels) for labels in dm.train["labels"])
     lines += ["", *length_lines(lengths, trained, dm.max_length)]
@@ -95,3 +102,23 @@ def preview_text(dm, rows: int = 4, colour: bool = False) -> str:
         lines.append(f"packing: {len(batches):,} rows of {dm.pack_tokens} tokens an epoch, {fill:.1%} full "
                      f"({len(lengths) / len(batches):.1f} examples a row)")
     return "\n".join(lines) + "\n"
+
+
+def stream_lines(dm, rows: int = STREAM_CHECK_ROWS) -> list[str]:
+    """A stream's statistics over its first `rows` training examples, and how its mix and packing stand."""
+    consumer = dm.consumer_factory(batch_size=1)(consumer=0, consumers=1)
+    examples = [example for example, _ in zip(consumer.examples(), range(rows))]
+    lengths = np.array([len(example["input_ids"]) for example in examples])
+    trained = sum(sum(label != IGNORE_INDEX for label in example["labels"]) for example in examples)
+    lines = [f"streamed: the first {len(examples):,} training examples", *length_lines(lengths, trained, dm.max_length)]
+    if len(dm.sources) > 1:
+        total = sum(consumer.schedule.counts)
+        lines.append("mix in every window of 100 rows: " + ", ".join(
+            f"{source.name} {count} ({count / total:.0%}, weight {source.weight:g})"
+            for source, count in zip(dm.sources, consumer.schedule.counts)))
+    if dm.packing:
+        packed = dm.consumer_factory()(consumer=0, consumers=1).batches()
+        used = [int(next(packed)["attention_mask"].sum()) for _ in range(max(len(examples) // 8, 1))]
+        lines.append(f"packing: rows of {dm.pack_tokens} tokens, {sum(used) / (len(used) * dm.pack_tokens):.1%} full over "
+                     f"the first {len(used):,}")
+    return lines

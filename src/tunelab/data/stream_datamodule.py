@@ -67,13 +67,17 @@ class StreamingDataModule(InstructionDataModule):
     def row_tokenizer(self, fmt: str) -> RowTokenizer:
         return RowTokenizer(fmt, self.templates, self.tokenizer, self.max_length, self.train_on, self.truncation)
 
-    def train_dataloader(self) -> DataLoader:
-        trainer = self.trainer
-        make_consumer = functools.partial(
+    def consumer_factory(self, batch_size: int | None = None):
+        """StreamConsumer with this module's sources and batching, but for the consumer's place and state."""
+        return functools.partial(
             StreamConsumer, self.streams, [s.weight for s in self.sources], self.train_starts,
             [self.row_tokenizer(fmt) for fmt in self.formats], self.formats, seed=self.seed,
-            block_size=self.shuffle_block, batch_size=self.batch_size, pad_token_id=self.tokenizer.pad_token_id,
-            pack_tokens=self.pack_tokens if self.packing else None)
+            block_size=self.shuffle_block, batch_size=batch_size or self.batch_size,
+            pad_token_id=self.tokenizer.pad_token_id, pack_tokens=self.pack_tokens if self.packing else None)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        make_consumer = self.consumer_factory()
         dataset = StreamDataset(functools.partial(_consumer, make_consumer), trainer.global_rank, trainer.world_size,
                                 self.num_workers, self.batches_served, self.consumer_states)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
