@@ -18,9 +18,10 @@ from tunelab.config import ConfigError, validate_config
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TASKS = ["tunelab_tiny", "tunelab_tiny_choice"]
-# Enough steps for greedy answers to start coming out right (exact match above the base's 0); 40 documents a task.
+# Enough steps and rows for greedy answers to start coming out right (seen: exact match 0.125 against the base's 0,
+# where 1,000 rows gave 0.025); 40 documents a task.
 TRAINED = ["eval=tiny", "eval.limit=40", "trainer.max_steps=300", "trainer.val_check_interval=150",
-           "data.num_examples=1000", "callbacks.progress_bar=null", "callbacks.samples=null"]
+           "callbacks.progress_bar=null", "callbacks.samples=null"]
 
 
 def metrics_of(tracking_uri: str, run_id: str) -> dict[str, float]:
@@ -68,9 +69,9 @@ def test_trained_model_beats_its_base_and_the_delta_is_logged(trained, dataset_c
     logged = metrics_of(trained["uri"], trained["run_id"])
     exact, choice = "eval/tunelab_tiny/exact_match", "eval/tunelab_tiny_choice/acc"
     assert logged[f"{exact}/base"] == 0.0  # a random model answers nothing right
-    for name, gain in [(exact, 0.0), (choice, 0.2)]:
+    for name, gain in [(exact, 0.1), (choice, 0.5)]:  # seen: +0.125 (5 of 40 documents) and +0.75
         assert logged[f"{name}/delta"] == pytest.approx(logged[name] - logged[f"{name}/base"])
-        assert logged[f"{name}/delta"] > gain
+        assert logged[f"{name}/delta"] >= gain, {k: v for k, v in logged.items() if k.startswith("eval/")}
     # The base was evaluated once and cached by its identity, tasks and limit.
     assert len(list((dataset_cache / "eval_base").glob("*.json"))) >= 1
 
