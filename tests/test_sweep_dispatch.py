@@ -56,7 +56,6 @@ def test_the_next_trial_starts_when_one_ends_not_when_the_batch_does(tmp_path, d
     long_end = ran[0][1]
     assert ran[1][0] < long_end  # the two slots started together
     assert ran[1][1] < ran[2][0] < long_end, ran  # trial 2 took trial 1's slot while the long one still ran
-    assert len([n for n, (start, _) in ran.items() if ran[1][1] < start < long_end]) >= 2, ran  # trial 3 too
     assert occupancy(ran, slots=2) >= 0.85, (occupancy(ran, 2), ran)
     assert "tunelab sweep summary" in result.stdout
 
