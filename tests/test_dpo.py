@@ -406,7 +406,7 @@ def logged(run_dir: Path) -> dict[str, dict[int, float]]:
                                                     ("none", "precomputed", True)],
                          ids=["full_precomputed", "lora_adapter_off", "packed_full_precomputed"])
 def test_resume_mid_epoch_gives_the_losses_of_a_straight_run(tmp_path, dataset_cache, peft, reference, packing):
-    n = 4  # 368 training pairs in batches of 8 (packed: about 8 pairs a row of 480 tokens): step 4 falls mid-epoch
+    n = 4  # 368 training pairs in batches of 8 (packed: a dozen or more a row of 480 tokens): step 4 falls mid-epoch
     common = [*SMALL_DPO, f"peft={peft}", f"module.reference={reference}", f"trainer.val_check_interval={n}",
               f"optim.total_steps={2 * n}", *(["peft.lora_dropout=0.0"] if peft == "lora" else []),
               *(["data.packing=true", "data.pack_tokens=480"] if packing else [])]
