@@ -168,7 +168,8 @@ def trl_reference_free_oracle(model, batch: dict, loss_type: str, beta: float, g
     from trl.experimental.cpo import CPOTrainer
     from trl.experimental.orpo import ORPOTrainer
 
-    trainer = (CPOTrainer if loss_type == "simpo" else ORPOTrainer).__new__(CPOTrainer if loss_type == "simpo" else ORPOTrainer)
+    trainer_class = CPOTrainer if loss_type == "simpo" else ORPOTrainer
+    trainer = trainer_class.__new__(trainer_class)
     trainer.accelerator, trainer.is_encoder_decoder, trainer.aux_loss_enabled = Accelerator(cpu=True), False, False
     trainer.pad_token_id = trainer.padding_value = 0
     trainer.loss_type, trainer.label_smoothing, trainer.alpha = loss_type, 0.0, 0.0

@@ -26,10 +26,11 @@ second copy where that can be: the same model with its LoRA adapter switched off
 copy for a full fine-tune; or (`reference=precomputed`) each pair's log-probabilities computed once before the first
 step and kept in the checkpoint, so a resumed full fine-tune does not take its trained weights for the reference.
 
-Chosen and rejected go through the model in one forward (the collator stacks them). With the fused loss path
-(kernels.loss=chunked or liger, the default on GPUs) the log-probabilities of the answer tokens come from the last
-hidden state and the output projection a chunk of tokens at a time, never the (tokens x vocab) logits
-(tunelab.modules.logprobs). Checked against trl's DPOTrainer in tests/test_dpo.py.
+Chosen and rejected go through the model in one forward (the collator stacks them, or with data.packing packs whole
+pairs into one row whose sequences attend only to themselves). With the fused loss path (kernels.loss=chunked or
+liger, the default on GPUs) the log-probabilities of the answer tokens come from the last hidden state and the output
+projection a chunk of tokens at a time, never the (tokens x vocab) logits (tunelab.modules.logprobs). Checked against
+trl's DPOTrainer, CPOTrainer (simpo) and ORPOTrainer in tests/test_dpo.py.
 """
 
 from contextlib import nullcontext
@@ -136,8 +137,8 @@ class DPOModule(FineTuningModule):
 
     `reference`: auto (the adapter switched off for LoRA/QLoRA, a frozen copy for a full fine-tune), adapter, copy, or
     precomputed; none for the reference-free losses. `gamma` (simpo) and `orpo_lambda` (orpo): None is trl's
-    default, 0.5 and 0.1. `loss`: tunelab's training loss (tunelab.kernels); where it is the fused one, the log-probabilities
-    are computed the fused way too, with its chunk size."""
+    default, 0.5 and 0.1. `loss`: tunelab's training loss (tunelab.kernels); where it is the fused one, the
+    log-probabilities are computed the fused way too, with its chunk size."""
 
     def __init__(self, model: PreTrainedModel, optim: DictConfig, beta: float = 0.1, loss_type: str = "sigmoid",
                  label_smoothing: float = 0.0, reference: str = "auto", sft_weight: float = 0.0,
@@ -163,7 +164,8 @@ class DPOModule(FineTuningModule):
         # chosen and rejected in one forward: a padded batch's chosen rows then its rejected rows, or a packed row's
         # segments in that order (tunelab.data.preference)
         policy = sequence_logps(self.model, batch, self.chunk_size, whole=self.loss_type == "orpo")
-        (chosen, rejected), (chosen_tokens, rejected_tokens) = sides(policy.answer, batch), sides(policy.answer_tokens, batch)
+        chosen, rejected = sides(policy.answer, batch)
+        chosen_tokens, rejected_tokens = sides(policy.answer_tokens, batch)
         if self.loss_type in REFERENCE_FREE:
             chosen_mean, rejected_mean = chosen / chosen_tokens.clamp(min=1), rejected / rejected_tokens.clamp(min=1)
             if self.loss_type == "simpo":
