@@ -11,6 +11,7 @@
 # the real_* runs repeat the comparison at realistic lengths (benchmarks/real_length_data.py rows, median ~250
 # tokens, as pairs: chosen = the row's answer, rejected = the next row's), 4 pairs / 8 rows a step:
 #   real_sft / real_dpo_copy / real_dpo_precomputed / real_lora_sft / real_dpo_adapter
+#   real_*_packed: the same packed (issue 33), and SimPO / ORPO, reference-free
 # ONLY="sft sft_eval" runs a subset.
 # lm_eval comes from the eval extra's wheels where the image lacks it (BENCHMARKS.md says which).
 source "$(dirname "$0")/gpu_runs.sh"   # OUT, RUNS, PY, env.txt, want, run
@@ -29,7 +30,7 @@ run lora_sft peft=lora data=tiny data.num_examples=2000 data.batch_size=64 eval=
 run dpo_adapter peft=lora $PAIRS
 run dpo_lora_precomputed peft=lora $PAIRS module.reference=precomputed
 REAL_ROWS=/tmp/real_rows.jsonl REAL_PAIRS=/tmp/real_pairs.jsonl
-if want real_sft || want real_dpo_copy; then
+if want real_sft || want real_dpo_copy || want real_sft_packed || want real_dpo_packed_precomputed; then
   [ -f $REAL_ROWS ] || $PY benchmarks/real_length_data.py $REAL_ROWS --rows 800 --seed 0 >> "$OUT/log.txt"
   [ -f $REAL_PAIRS ] || $PY - "$REAL_ROWS" "$REAL_PAIRS" <<'PY'
 import json, sys
@@ -44,6 +45,15 @@ REAL="trainer.max_steps=30 trainer.val_check_interval=30 data.max_length=2048 da
 run real_sft $REAL data=jsonl data.path=$REAL_ROWS data.batch_size=8
 run real_dpo_copy $REAL data=pairs data.path=$REAL_PAIRS data.batch_size=4 module=dpo
 run real_dpo_precomputed $REAL data=pairs data.path=$REAL_PAIRS data.batch_size=4 module=dpo module.reference=precomputed
+# issue 33: the same rows and pairs packed (8 x 2048 tokens a row, SFT's and DPO's alike; DPO's tokens are chosen +
+# rejected), each reference kind and the reference-free losses, against packed SFT in this same call
+PACK="data.packing=true data.pack_tokens=16384"
+run real_sft_packed $REAL data=jsonl data.path=$REAL_ROWS data.batch_size=8 $PACK
+run real_dpo_packed_precomputed $REAL data=pairs data.path=$REAL_PAIRS module=dpo module.reference=precomputed $PACK
+run real_dpo_packed_copy $REAL data=pairs data.path=$REAL_PAIRS module=dpo $PACK
+run real_dpo_packed_adapter $REAL peft=lora data=pairs data.path=$REAL_PAIRS module=dpo $PACK
+run real_simpo_packed $REAL data=pairs data.path=$REAL_PAIRS module=dpo module.loss_type=simpo module.beta=2.0 $PACK
+run real_orpo_packed $REAL data=pairs data.path=$REAL_PAIRS module=dpo module.loss_type=orpo $PACK
 run real_lora_sft $REAL peft=lora data=jsonl data.path=$REAL_ROWS data.batch_size=8
 run real_dpo_adapter $REAL peft=lora data=pairs data.path=$REAL_PAIRS data.batch_size=4 module=dpo
 for r in sft_eval fsdp_eval; do

@@ -37,11 +37,26 @@ def tiny_model(tmp_path, dataset_cache, peft: str):
     return model, tokenizer, cfg
 
 
-def pair_batch(tokenizer) -> dict:
-    from tunelab.data.preference import PairTokenizer, PreferenceCollator
+def tokenized_pairs(tokenizer) -> list[dict]:
+    from tunelab.data.preference import PairTokenizer
 
     tokenize = PairTokenizer("alpaca", ("{instruction} {input}=", "{instruction}="), tokenizer, max_length=48)
-    return PreferenceCollator(tokenizer.pad_token_id)([{**tokenize(pair), "index": i} for i, pair in enumerate(PAIRS)])
+    return [{**tokenize(pair), "index": i} for i, pair in enumerate(PAIRS)]
+
+
+def pair_batch(tokenizer) -> dict:
+    from tunelab.data.preference import PreferenceCollator
+
+    return PreferenceCollator(tokenizer.pad_token_id)(tokenized_pairs(tokenizer))
+
+
+def packed_pair_batch(tokenizer, spare: int = 5) -> dict:
+    """The PAIRS in one packed row (data.packing=true), `spare` tokens of padding after them."""
+    from tunelab.data.preference import PackedPairCollator, pair_lengths
+
+    pairs = tokenized_pairs(tokenizer)
+    used = sum(pair_lengths({key: [p[key] for p in pairs] for key in ("input_ids", "rejected_input_ids")}))
+    return PackedPairCollator(tokenizer.pad_token_id, used + spare)(pairs)
 
 
 @torch.no_grad()
@@ -89,20 +104,20 @@ def trl_oracle(policy, reference, batch: dict, beta: float, loss_type: str, labe
         ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected")]}
 
 
-def precompute_the_reference(module, tokenizer) -> None:
+def precompute_the_reference(module, tokenizer, packed: bool = False) -> None:
     """reference=precomputed's table of the PAIRS, computed as a run computes it: by DPOModule's own hook under a real
-    Trainer, over a loader of the pairs in batches of 2 (so each pair's row of the table is found by its index)."""
+    Trainer, over a loader of the pairs in batches of 2 (so each pair's row of the table is found by its index),
+    padded or `packed`."""
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
 
-    from tunelab.data.preference import PairTokenizer, PreferenceCollator
+    from tunelab.data.preference import PackedPairCollator, PreferenceCollator
 
-    tokenize = PairTokenizer("alpaca", ("{instruction} {input}=", "{instruction}="), tokenizer, max_length=48)
+    collate = PackedPairCollator(tokenizer.pad_token_id, 120) if packed else PreferenceCollator(tokenizer.pad_token_id)
 
     class Pairs(pl.LightningDataModule):
         def pairs_loader(self, split):
-            return DataLoader([{**tokenize(pair), "index": i} for i, pair in enumerate(PAIRS)], batch_size=2,
-                              collate_fn=PreferenceCollator(tokenizer.pad_token_id))
+            return DataLoader(tokenized_pairs(tokenizer), batch_size=2, collate_fn=collate)
 
         def val_dataloader(self):
             return self.pairs_loader("val")
@@ -145,6 +160,118 @@ def test_loss_and_rewards_equal_trls_dpo_on_the_same_batch(tmp_path, dataset_cac
         assert float(metrics[name]) == pytest.approx(value, rel=0, abs=1e-5), name
 
 
+def trl_reference_free_oracle(model, batch: dict, loss_type: str, beta: float, gamma: float, orpo_lambda: float,
+                              sft_weight: float = 0.0):
+    """trl's SimPO (CPOTrainer, loss_type=simpo, cpo_alpha the NLL weight) or ORPO (ORPOTrainer, beta its lambda) loss
+    and metrics on the same batch: the trainer given only the attributes get_batch_loss_metrics reads."""
+    from accelerate import Accelerator
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    trainer_class = CPOTrainer if loss_type == "simpo" else ORPOTrainer
+    trainer = trainer_class.__new__(trainer_class)
+    trainer.accelerator, trainer.is_encoder_decoder, trainer.aux_loss_enabled = Accelerator(cpu=True), False, False
+    trainer.pad_token_id = trainer.padding_value = 0
+    trainer.loss_type, trainer.label_smoothing, trainer.alpha = loss_type, 0.0, 0.0
+    trainer.beta, trainer.simpo_gamma, trainer.cpo_alpha = (beta if loss_type == "simpo" else orpo_lambda), gamma, sft_weight
+    pairs = batch["index"].size(0)
+    sides = {"chosen": slice(0, pairs), "rejected": slice(pairs, 2 * pairs)}
+    inputs = {f"{side}_{key}": batch[key][rows] for side, rows in sides.items()
+              for key in ("input_ids", "attention_mask", "labels")}
+    loss, metrics = trainer.get_batch_loss_metrics(model, inputs)
+    return loss.item(), {ours: metrics[theirs] for ours, theirs in [
+        ("rewards/chosen", "rewards/chosen"), ("rewards/rejected", "rewards/rejected"),
+        ("rewards/margin", "rewards/margins"), ("rewards/accuracy", "rewards/accuracies"),
+        ("logps/chosen", "logps/chosen"), ("logps/rejected", "logps/rejected")]}
+
+
+@pytest.mark.parametrize("loss_type,sft_weight", [("simpo", 0.0), ("simpo", 0.7), ("orpo", 0.0)],
+                         ids=["simpo", "simpo_sft", "orpo"])
+@pytest.mark.parametrize("peft", ["lora", "none"])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "chunked"])
+def test_reference_free_losses_equal_trls_simpo_and_orpo_on_the_same_batch(tmp_path, dataset_cache, peft, loss_type,
+                                                                           sft_weight, fused):
+    from tunelab.kernels import FusedLinearLoss, model_loss
+    from tunelab.modules.dpo import DPOModule
+
+    model, tokenizer, cfg = tiny_model(tmp_path, dataset_cache, peft)
+    batch = pair_batch(tokenizer)
+    beta, gamma, orpo_lambda = 2.0, 0.8, 0.3
+    loss = FusedLinearLoss(model, chunk_size=7, use_liger=False) if fused else model_loss
+    module = DPOModule(model, cfg.optim, beta=beta, loss_type=loss_type, gamma=gamma, orpo_lambda=orpo_lambda,
+                       sft_weight=sft_weight, loss=loss)
+    assert module.reference == "none" and module.frozen == []  # no copy, no adapter-off pass, no table
+    move_policy_away(model)
+
+    ours, metrics = module.pair_loss(batch, "train")
+    theirs, their_metrics = trl_reference_free_oracle(model, batch, loss_type, beta, gamma, orpo_lambda, sft_weight)
+    assert ours.item() == pytest.approx(theirs, rel=0, abs=1e-5)
+    assert abs(their_metrics["rewards/margin"]) > 1e-3
+    for name, value in their_metrics.items():
+        assert float(metrics[name]) == pytest.approx(value, rel=0, abs=1e-5), name
+
+
+LOSSES = {"sigmoid": {}, "ipo": {}, "robust": {"label_smoothing": 0.2}, "sigmoid_sft": {"sft_weight": 0.7},
+          "simpo": {"beta": 2.0, "gamma": 0.8}, "orpo": {"orpo_lambda": 0.3}}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("peft,reference", [("lora", "auto"), ("none", "auto"), ("none", "precomputed")],
+                         ids=["lora_adapter_off", "full_frozen_copy", "full_precomputed"])
+@pytest.mark.parametrize("spare", [5, 0], ids=["padded_tail", "full_row"])
+def test_packed_pairs_give_the_loss_rewards_logps_and_gradients_of_padded_ones(tmp_path, dataset_cache, peft,
+                                                                               reference, loss, spare):
+    from tunelab.modules.dpo import DPOModule
+
+    model, tokenizer, cfg = tiny_model(tmp_path, dataset_cache, peft)
+    arguments = {"beta": 0.3, "loss_type": loss.removesuffix("_sft"), **LOSSES[loss]}
+    module = DPOModule(model, cfg.optim, reference=reference, **arguments)
+    packed = packed_pair_batch(tokenizer, spare)
+    assert packed["input_ids"].shape[0] == 1 and packed["cu_seq_lens_q"].numel() == 2 * len(PAIRS) + (spare > 0) + 1
+    if module.reference == "precomputed":
+        precompute_the_reference(module, tokenizer)
+        padded_table = module.reference_table.pop("val")
+        precompute_the_reference(module, tokenizer, packed=True)  # as a packed run computes it
+        torch.testing.assert_close(module.reference_table["val"], padded_table, rtol=0, atol=1e-5)
+    move_policy_away(model)
+
+    results = []
+    for batch in (pair_batch(tokenizer), packed):
+        model.zero_grad()
+        loss_value, metrics = module.pair_loss(batch, "val")
+        loss_value.backward()
+        gradients = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((loss_value.item(), {name: float(value) for name, value in metrics.items()}, gradients))
+    (padded_loss, padded_metrics, padded_gradients), (packed_loss, packed_metrics, packed_gradients) = results
+    assert packed_loss == pytest.approx(padded_loss, rel=0, abs=1e-5)
+    assert abs(padded_metrics["rewards/margin"]) > 1e-3  # the policy really moved (and the reference did not follow)
+    assert packed_metrics == pytest.approx(padded_metrics, rel=0, abs=1e-5)
+    assert packed_gradients.keys() == padded_gradients.keys() and padded_gradients
+    for name, gradient in padded_gradients.items():
+        torch.testing.assert_close(packed_gradients[name], gradient, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "chunked"])
+def test_each_sequence_of_a_packed_row_scores_as_it_does_alone(tmp_path, dataset_cache, fused):
+    # The per-sequence values themselves, answer and whole row (ORPO's NLL), through both log-prob paths; and the
+    # same row with attention let across its sequences (no bounds) scores differently, so the equality means the
+    # sequences are kept apart.
+    from tunelab.modules.logprobs import sequence_logps
+
+    model, tokenizer, _ = tiny_model(tmp_path, dataset_cache, "none")
+    chunk = 7 if fused else None
+    packed = packed_pair_batch(tokenizer)
+    padded = sequence_logps(model, pair_batch(tokenizer), chunk, whole=True)
+    alone = sequence_logps(model, packed, chunk, whole=True)
+    for name, values in padded._asdict().items():
+        assert getattr(alone, name)[:2 * len(PAIRS)].tolist() == pytest.approx(values.tolist(), rel=0, abs=1e-5), name
+    assert padded.answer_tokens.min() > 0 and (padded.whole_tokens > padded.answer_tokens).all()
+
+    across = {key: value for key, value in packed.items() if not key.startswith(("cu_seq_lens", "max_length"))}
+    mixed = sequence_logps(model, across, chunk).answer[:2 * len(PAIRS)]
+    assert (mixed - padded.answer)[1:].abs().min() > 1e-3  # every sequence after the first saw its neighbours
+
+
 def test_chunked_log_probs_give_the_gradients_of_the_full_logits(tmp_path, dataset_cache):
     # The fused path's own backward (tunelab.modules.logprobs.ChunkedTargetLogProbs) against autograd through the whole logits.
     from tunelab.modules.logprobs import sequence_logps
@@ -155,7 +282,7 @@ def test_chunked_log_probs_give_the_gradients_of_the_full_logits(tmp_path, datas
     gradients = []
     for chunk in (None, 5):
         model.zero_grad()
-        logps, _ = sequence_logps(model, batch, chunk)
+        logps = sequence_logps(model, batch, chunk).answer
         (logps * weights).sum().backward()
         gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
     plain, chunked = gradients
@@ -226,7 +353,17 @@ def test_bad_pairs_are_refused_with_one_line_before_training(tmp_path, dataset_c
     (["module.reference=adapter"], "module.reference=adapter needs an adapter to switch off"),
     (["data=tiny"], "module=dpo trains on preference pairs"),
     (["module.sft_weight=-1"], "module.sft_weight=-1 must be >= 0"),
-], ids=["beta_zero", "unknown_loss", "smoothing_without_robust", "adapter_without_lora", "sft_rows", "negative_sft_weight"])
+    (["module.gamma=0.5"], "module.gamma=0.5 is for module.loss_type=simpo"),
+    (["module.loss_type=simpo", "module.gamma=-1"], "module.gamma=-1 must be >= 0"),
+    (["module.loss_type=orpo", "module.orpo_lambda=0"], "module.orpo_lambda=0 must be > 0"),
+    (["module.loss_type=simpo", "module.orpo_lambda=0.2"], "module.orpo_lambda=0.2 is for module.loss_type=orpo"),
+    (["module.loss_type=orpo", "module.reference=precomputed"], "module.loss_type=orpo needs no reference"),
+    (["module.loss_type=orpo", "module.sft_weight=0.5"], "module.loss_type=orpo has its own NLL term"),
+    (["data.packing=true", "data.pack_tokens=60"], "data.pack_tokens=60 cannot hold a pair: .* each up to "
+                                                   "data.max_length=48 tokens; raise data.pack_tokens to at least 96"),
+], ids=["beta_zero", "unknown_loss", "smoothing_without_robust", "adapter_without_lora", "sft_rows", "negative_sft_weight",
+        "gamma_without_simpo", "negative_gamma", "zero_orpo_lambda", "orpo_lambda_without_orpo",
+        "reference_for_reference_free", "sft_weight_with_orpo", "pack_tokens_short_of_a_pair"])
 def test_bad_dpo_keys_are_refused_with_one_line(tmp_path, dataset_cache, args, message):
     from tunelab.config import ConfigError, validate_config
 
@@ -234,11 +371,17 @@ def test_bad_dpo_keys_are_refused_with_one_line(tmp_path, dataset_cache, args, m
         validate_config(compose_config(["module=dpo", "data=tiny_pairs", "logger=none", *args], tmp_path, dataset_cache))
 
 
-def test_negative_beta_ends_train_py_with_one_line(tmp_path, dataset_cache):
-    result = run_train(["module=dpo", "data=tiny_pairs", "module.beta=-0.1", "logger=none"], tmp_path / "run",
+@pytest.mark.parametrize("args,message", [
+    (["module.beta=-0.1"], "module.beta=-0.1 must be > 0"),
+    (["data.packing=true", "data.pack_tokens=50"], "data.pack_tokens=50 cannot hold a pair: its chosen and rejected "
+     "sides go in one packed row, each up to data.max_length=48 tokens; raise data.pack_tokens to at least 96, or set "
+     "it to null"),
+], ids=["negative_beta", "pack_tokens_short_of_a_pair"])
+def test_bad_dpo_input_ends_train_py_with_one_line(tmp_path, dataset_cache, args, message):
+    result = run_train(["module=dpo", "data=tiny_pairs", *args, "logger=none"], tmp_path / "run",
                        dataset_cache, check=False, timeout=120)
     assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1] == "tunelab: error: module.beta=-0.1 must be > 0"
+    assert result.stderr.strip().splitlines()[-1] == f"tunelab: error: {message}"
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -260,11 +403,14 @@ def logged(run_dir: Path) -> dict[str, dict[int, float]]:
     return series
 
 
-@pytest.mark.parametrize("peft,reference", [("none", "precomputed"), ("lora", "auto")], ids=["full_precomputed", "lora_adapter_off"])
-def test_resume_mid_epoch_gives_the_losses_of_a_straight_run(tmp_path, dataset_cache, peft, reference):
-    n = 4  # 368 training pairs in batches of 8: the resume at step 4 falls mid-epoch
+@pytest.mark.parametrize("peft,reference,packing", [("none", "precomputed", False), ("lora", "auto", False),
+                                                    ("none", "precomputed", True)],
+                         ids=["full_precomputed", "lora_adapter_off", "packed_full_precomputed"])
+def test_resume_mid_epoch_gives_the_losses_of_a_straight_run(tmp_path, dataset_cache, peft, reference, packing):
+    n = 4  # 368 training pairs in batches of 8 (packed: a dozen or more a row of 480 tokens): step 4 falls mid-epoch
     common = [*SMALL_DPO, f"peft={peft}", f"module.reference={reference}", f"trainer.val_check_interval={n}",
-              f"optim.total_steps={2 * n}", *(["peft.lora_dropout=0.0"] if peft == "lora" else [])]
+              f"optim.total_steps={2 * n}", *(["peft.lora_dropout=0.0"] if peft == "lora" else []),
+              *(["data.packing=true", "data.pack_tokens=480"] if packing else [])]
     run_train([*common, f"trainer.max_steps={2 * n}"], tmp_path / "straight", dataset_cache)
     run_train([*common, f"trainer.max_steps={n}"], tmp_path / "resumed", dataset_cache)
     checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)

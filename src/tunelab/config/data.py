@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tunelab.config.fields import FIELDS, SOURCE_KEYS, is_kind
+from tunelab.config.training import PREFERENCE_DATA
 from tunelab.errors import ConfigError, show
 from tunelab.tiny_task import TINY_SOURCES
 
@@ -37,6 +38,11 @@ def check_data(cfg: DictConfig) -> None:
     for key in ("prompt_template", "prompt_template_no_input"):
         if data.get(key) is not None:
             check_prompt_template(f"data.{key}", data[key])
+    if data.packing and data.pack_tokens is not None and data.get("_target_") == PREFERENCE_DATA \
+            and data.pack_tokens < 2 * data.max_length:
+        raise ConfigError(f"data.pack_tokens={data.pack_tokens} cannot hold a pair: its chosen and rejected sides go "
+                          f"in one packed row, each up to data.max_length={data.max_length} tokens; raise "
+                          f"data.pack_tokens to at least {2 * data.max_length}, or set it to null")
     if data.packing and data.pack_tokens is not None and data.pack_tokens < data.max_length:
         raise ConfigError(f"data.pack_tokens={data.pack_tokens} is less than data.max_length={data.max_length}: "
                           "a packed row must hold the longest example; raise data.pack_tokens or set it to null")

@@ -205,10 +205,12 @@ FIELDS: dict[str, Rule | OneOf | ListOf | AnyOf] = {
 # module=dpo's keys (tunelab.modules.dpo); another module's keys of the same names are its own.
 DPO_FIELDS = {
     "module.beta": Rule(float, "> 0"),
-    "module.loss_type": OneOf("sigmoid", "ipo", "robust"),
+    "module.loss_type": OneOf("sigmoid", "ipo", "robust", "simpo", "orpo"),
     "module.label_smoothing": Rule(float, ">= 0", "< 0.5"),
     "module.reference": OneOf("auto", "adapter", "copy", "precomputed"),
     "module.sft_weight": Rule(float, ">= 0"),
+    "module.gamma": Rule(float, ">= 0", null=True),
+    "module.orpo_lambda": Rule(float, "> 0", null=True),
 }
 
 # The eval option's keys once eval=auto has become a plain option (tunelab.config.evaluation); eval.tasks is checked

@@ -15,6 +15,7 @@ GENERATED_EXACT_MATCH = "val/generated_exact_match"  # logged by the samples cal
 DPO_MODULE, PREFERENCE_DATA = "tunelab.modules.dpo.DPOModule", "tunelab.data.preference.PreferenceDataModule"
 DPO_METRICS = tuple(f"val/{name}" for name in ("rewards/accuracy", "rewards/margin", "rewards/chosen",
                                                "rewards/rejected", "logps/chosen", "logps/rejected"))  # module=dpo's
+REFERENCE_FREE = ("simpo", "orpo")  # module.loss_type values with no reference pass (tunelab.modules.dpo)
 VALIDATION_METRICS = ("val/loss", "val/exact_match", GENERATED_EXACT_MATCH, *DPO_METRICS)
 
 
@@ -91,15 +92,24 @@ def check_preference(cfg: DictConfig) -> None:
     if module.get("label_smoothing") and module.get("loss_type") != "robust":
         raise ConfigError(f"module.label_smoothing={show(module.label_smoothing)} is for module.loss_type=robust "
                           f"(not {module.get('loss_type')}): set the loss type, or label_smoothing=0")
-    reference = module.get("reference", "auto")
+    loss_type, reference = module.get("loss_type", "sigmoid"), module.get("reference", "auto")
+    for key, owner in (("gamma", "simpo"), ("orpo_lambda", "orpo")):
+        if module.get(key) is not None and loss_type != owner:
+            raise ConfigError(f"module.{key}={show(module[key])} is for module.loss_type={owner} (not {loss_type}): "
+                              f"set the loss type, or module.{key}=null")
+    if loss_type in REFERENCE_FREE and reference != "auto":
+        raise ConfigError(f"module.loss_type={loss_type} needs no reference (it is reference-free), so "
+                          f"module.reference={reference} has nothing to do: drop it (module.reference=auto)")
+    if loss_type == "orpo" and module.get("sft_weight"):
+        raise ConfigError(f"module.sft_weight={show(module.sft_weight)}: module.loss_type=orpo has its own NLL term, "
+                          "weight 1 (module.orpo_lambda weighs the odds-ratio term against it): set sft_weight=0")
     if reference == "adapter" and not cfg.peft:
         raise ConfigError("module.reference=adapter needs an adapter to switch off: use peft=lora, or "
                           "module.reference=auto (a frozen copy for a full fine-tune)")
-    if shards_parameters(cfg.strategy) and not cfg.peft and reference in ("auto", "copy"):
+    if shards_parameters(cfg.strategy) and not cfg.peft and reference in ("auto", "copy") \
+            and loss_type not in REFERENCE_FREE:
         raise ConfigError(f"module=dpo under strategy={cfg.strategy.name} would keep a whole frozen copy of the model "
                           "on every GPU as its reference: set module.reference=precomputed")
-    if data.get("packing"):
-        raise ConfigError("data.packing=true does not pack preference pairs yet: set data.packing=false")
     if data.source == "tiny_pairs" and data.num_examples is None:
         raise ConfigError("data=tiny_pairs generates data.num_examples pairs: give a number, e.g. data.num_examples=2000")
     if cfg.objective.metric == "val/exact_match":

@@ -9,7 +9,10 @@ Only the continuation is labelled: assistant turns inside a chat prompt are cont
 both sides keep a labelled token.
 
 A batch holds the chosen rows, then the rejected ones, padded to one width, so both go through the model in one
-forward; `index` is each pair's row in its split (the key of precomputed reference log-probabilities).
+forward; `index` is each pair's row in its split (the key of precomputed reference log-probabilities). With
+data.packing=true a training batch is one packed row instead (tunelab.data.PackedCollator, the varlen layout SFT
+packing uses): whole pairs up to data.pack_tokens, their chosen sides then their rejected sides, each a segment that
+attends only to itself, so every sequence's log-probability is the one it has alone in a padded row.
 """
 
 import hashlib
@@ -25,10 +28,11 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from tunelab.data.chat import Encoded, encode_chat, special_ids
+from tunelab.data.collators import PackedCollator
 from tunelab.data.datamodule import InstructionDataModule, load_rows
 from tunelab.data.formats import IGNORE_INDEX, TOKENIZATION_VERSION, tokenizer_fingerprint
 from tunelab.data.rows import count_fates, encode_alpaca, fit_to_length, report_rows
-from tunelab.data.samplers import resumable_sampler
+from tunelab.data.samplers import PackedBatchSampler, pack_in_order, resumable_sampler, resume_position
 from tunelab.tiny_task import OPERATIONS, SHORT_WORDS, make_example
 
 log = logging.getLogger(__name__)
@@ -146,6 +150,24 @@ class PreferenceCollator:
                 "index": torch.tensor([p["index"] for p in pairs], dtype=torch.long)}
 
 
+class PackedPairCollator:
+    """Whole pairs in one packed row of `budget` tokens: the chosen sides, then the rejected sides, in the order of the
+    pairs (tunelab.data.PackedCollator's varlen layout), and each pair's `index`."""
+
+    def __init__(self, pad_token_id: int, budget: int):
+        self.pack = PackedCollator(pad_token_id, budget)
+
+    def __call__(self, pairs: list[dict]) -> dict:
+        sides = [{"input_ids": p["input_ids"], "labels": p["labels"]} for p in pairs] + \
+                [{"input_ids": p["rejected_input_ids"], "labels": p["rejected_labels"]} for p in pairs]
+        return {**self.pack(sides), "index": torch.tensor([p["index"] for p in pairs], dtype=torch.long)}
+
+
+def pair_lengths(dataset: Dataset) -> list[int]:
+    """Each pair's tokens in a packed row: both its sides."""
+    return [len(chosen) + len(rejected) for chosen, rejected in zip(dataset["input_ids"], dataset["rejected_input_ids"])]
+
+
 class PreferenceDataModule(InstructionDataModule):
     """Preference pairs from the embedded task (source=tiny_pairs), a JSON-lines file or the Hub, split, tokenized
     and served like InstructionDataModule's rows (resumable order, cached tokenization, row fates logged)."""
@@ -160,6 +182,7 @@ class PreferenceDataModule(InstructionDataModule):
                          max_length=max_length, batch_size=batch_size, val_size=val_size,
                          max_val_examples=max_val_examples, num_workers=num_workers, seed=seed, cache_dir=cache_dir,
                          truncation=truncation, packing=packing, pack_tokens=pack_tokens)
+        self.pack_tokens = pack_tokens or 2 * batch_size * max_length  # batch_size pairs, two sides each
 
     def prepare_data(self) -> None:
         self.tokenized()
@@ -193,6 +216,11 @@ class PreferenceDataModule(InstructionDataModule):
         return trained.remove_columns("fate")
 
     def train_dataloader(self) -> DataLoader:
+        if self.packing:
+            trainer = self.trainer
+            sampler = PackedBatchSampler(pair_lengths(self.train), self.pack_tokens, self.seed, trainer.world_size,
+                                         trainer.global_rank)
+            return self._packed_pair_loader(self.train, resume_position(sampler, trainer))
         sampler = resumable_sampler(self.trainer, len(self.train), self.seed, self.batch_size)
         return self._pair_loader(self.train, sampler)
 
@@ -200,8 +228,17 @@ class PreferenceDataModule(InstructionDataModule):
         return self._pair_loader(self.val, None)
 
     def pairs_loader(self, split: str) -> DataLoader:
-        """Every pair of a split (train or val) in order, for computing reference log-probabilities once."""
+        """Every pair of a split (train or val) in order, batched as that split is (packed or not), for computing
+        reference log-probabilities once."""
+        if split == "train" and self.packing:
+            lengths = pair_lengths(self.train)
+            return self._packed_pair_loader(self.train, pack_in_order(list(range(len(lengths))), lengths, self.pack_tokens))
         return self._pair_loader(self.train if split == "train" else self.val, None)
+
+    def _packed_pair_loader(self, dataset: Dataset, batch_sampler) -> DataLoader:
+        return DataLoader(dataset.with_format(columns=[*COLUMNS, "index"]), batch_sampler=batch_sampler,
+                          collate_fn=PackedPairCollator(self.tokenizer.pad_token_id, self.pack_tokens),
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def _pair_loader(self, dataset: Dataset, sampler) -> DataLoader:
         return DataLoader(dataset.with_format(columns=[*COLUMNS, "index"]), batch_size=self.batch_size, sampler=sampler,

@@ -1,6 +1,10 @@
-"""The log-probability of each row's labelled tokens, for a module whose loss is built on them (DPO's log-ratios
+"""The log-probability of each sequence's labelled tokens, for a module whose loss is built on them (DPO's log-ratios
 against a reference; any policy-gradient stage): from the model's logits, or, with the fused loss path, from the last
-hidden state and the output projection a chunk of tokens at a time, never the (tokens x vocab) logits."""
+hidden state and the output projection a chunk of tokens at a time, never the (tokens x vocab) logits. A sequence is
+a row of a padded batch, or a segment of a packed one (data.packing: several sequences in one row, kept apart by
+varlen attention), whose values are summed per segment without leaving the device."""
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -53,20 +57,57 @@ def forward_inputs(batch: dict) -> dict:
     return {key: batch[key] for key in FORWARD_KEYS if key in batch}
 
 
-def sequence_logps(model: nn.Module, batch: dict, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed log-probability of each row's labelled tokens, their count), in float32 or wider. `chunk_size`: from the
-    last hidden state a chunk of labelled tokens at a time (no logits); None: from the model's own logits."""
+class SequenceLogps(NamedTuple):
+    """Per sequence: the summed log-probability of its labelled (answer) tokens and their count; with `whole=True`,
+    also of every token after its first, prompt included (ORPO's NLL term, as trl computes it)."""
+    answer: torch.Tensor
+    answer_tokens: torch.Tensor
+    whole: torch.Tensor | None = None
+    whole_tokens: torch.Tensor | None = None
+
+
+def sequence_of_targets(batch: dict) -> tuple[torch.Tensor, int]:
+    """The sequence each target position (labels[:, 1:]) belongs to, and how many sequences there are: a padded
+    batch's rows, or a packed row's segments (tunelab.data.PackedCollator: positions restart at 0 for each, and the
+    trailing padding, where there is any, is the last). Found from shapes and positions alone: no host sync."""
     labels = batch["labels"]
-    targets = labels[:, 1:]
+    if "cu_seq_lens_q" not in batch:
+        rows = torch.arange(labels.size(0), device=labels.device)
+        return rows[:, None].expand(-1, labels.size(1) - 1), labels.size(0)
+    segment = (batch["position_ids"] == 0).long().cumsum(-1) - 1
+    return segment[:, 1:], batch["cu_seq_lens_q"].numel() - 1
+
+
+def sequence_logps(model: nn.Module, batch: dict, chunk_size: int | None = None, whole: bool = False) -> SequenceLogps:
+    """Each sequence's summed log-probability (SequenceLogps), in float32 or wider; a packed row gives one value per
+    segment. `chunk_size`: from the last hidden state a chunk of scored tokens at a time (no logits); None: from the
+    model's own logits."""
+    targets = batch["labels"][:, 1:]
     labelled = targets != IGNORE_INDEX
-    counts = (labels != IGNORE_INDEX).sum(1)
+    scored = labelled
+    if whole:  # every real token but each sequence's first (a packed row masks those labels for the same reason)
+        scored = batch["attention_mask"][:, 1:].bool()
+        if "position_ids" in batch:
+            scored = scored & (batch["position_ids"][:, 1:] != 0)
+    targets = torch.where(labelled, targets, batch["input_ids"][:, 1:])
+    sequence, count = sequence_of_targets(batch)
     if chunk_size is None:
         logits = model(**forward_inputs(batch), use_cache=False).logits[:, :-1]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        token_logps = logits.log_softmax(-1).gather(2, targets.clamp(min=0)[..., None]).squeeze(2)
-        return (token_logps * labelled).sum(1), counts
-    hidden, head = decoder_output(model, forward_inputs(batch))
-    hidden = hidden[:, :-1]
-    rows, columns = labelled.nonzero(as_tuple=True)
-    token_logps = ChunkedTargetLogProbs.apply(hidden[rows, columns], head.weight, targets[rows, columns], chunk_size)
-    return token_logps.new_zeros(labels.size(0)).index_add(0, rows, token_logps), counts
+        token_logps = logits.log_softmax(-1).gather(2, targets[..., None]).squeeze(2) * scored
+    else:
+        hidden, head = decoder_output(model, forward_inputs(batch))
+        rows, columns = scored.nonzero(as_tuple=True)
+        token_logps = torch.zeros(scored.shape, dtype=torch.promote_types(hidden.dtype, torch.float32),
+                                  device=hidden.device)
+        token_logps = token_logps.index_put((rows, columns), ChunkedTargetLogProbs.apply(
+            hidden[:, :-1][rows, columns], head.weight, targets[rows, columns], chunk_size))
+
+    def per_sequence(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(count).index_add(0, sequence.flatten(), values.flatten())
+
+    answer = per_sequence(token_logps * labelled)
+    answer_tokens = per_sequence(labelled.to(token_logps.dtype)).long()
+    if not whole:
+        return SequenceLogps(answer, answer_tokens)
+    return SequenceLogps(answer, answer_tokens, per_sequence(token_logps), per_sequence(scored.to(token_logps.dtype)).long())
