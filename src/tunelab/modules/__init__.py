@@ -1,0 +1,1 @@
+"""The LightningModules of the `module` group, one file each."""
