@@ -223,3 +223,50 @@ def test_chunked_log_probs_equal_the_logits_ones_at_temperature(tmp_path, datase
         results.append((logps.detach(), model.get_input_embeddings().weight.grad.clone()))
     assert torch.allclose(results[0][0], results[1][0], atol=1e-10)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-10)
+
+
+# ── config and inputs refused with one line ──────────────────────────────────────────────────────────────────────
+
+
+def constant_reward(prompts, completions, **row):
+    return [1.0] * len(completions)
+
+
+def one_reward_short(prompts, completions, **row):
+    return [0.0] * (len(completions) - 1)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["module.num_generations=1"], "module.num_generations=1 must be >= 2: advantages compare the completions of one prompt"),
+    (["module.rewards=[{_target_: tunelab.rewards.no_such_reward}]"],
+     r"module.rewards\[0\]._target_=tunelab.rewards.no_such_reward: tunelab.rewards has no no_such_reward"),
+    (["module.rewards=[]"], "module.rewards=\\[\\] must be a non-empty list of reward functions"),
+    (["module.rewards=[{_target_: tunelab.rewards.exact_match, weight: high}]"],
+     r"module.rewards\[0\].weight=high must be a number"),
+    (["module.loss_type=ppo"], "module.loss_type=ppo is not one of: sequence_mean, token_mean, dr_grpo"),
+    (["data=random_tokens"], "module=grpo samples completions of the SFT data's prompts"),
+], ids=["one_generation", "missing_reward", "no_rewards", "weight_not_a_number", "unknown_loss", "pairs"])
+def test_bad_grpo_keys_are_refused_with_one_line(tmp_path, dataset_cache, args, message):
+    from tunelab.config import ConfigError, validate_config
+
+    cfg = compose_config(["module=grpo", "logger=none", *args], tmp_path, dataset_cache)
+    with pytest.raises(ConfigError, match=message) as error:
+        validate_config(cfg)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["module.rewards=[{_target_: tests.test_grpo.one_reward_short}]"],
+     "module.rewards: on data row 1, reward one_reward_short returned 7 values for 8 completions"),
+    (["module.max_new_tokens=250"], "its prompt is .* tokens, and with module.max_new_tokens=250 it runs past the "
+                                    "model's context of 256 tokens"),
+], ids=["reward_of_wrong_length", "prompt_past_the_context"])
+def test_bad_grpo_inputs_are_refused_with_one_line_before_any_weights_load(tmp_path, dataset_cache, args, message):
+    from tunelab.config import ConfigError, validate_config
+    from tunelab.inputs import check_inputs, load_tokenizer
+
+    cfg = compose_config(["module=grpo", "logger=none", "data.num_examples=400", *args], tmp_path, dataset_cache)
+    validate_config(cfg)
+    with pytest.raises(ConfigError, match=message) as error:
+        check_inputs(cfg, load_tokenizer(cfg.model))
+    assert "\n" not in str(error.value)

@@ -244,12 +244,18 @@ ABSENT = object()
 
 def validate_config(cfg: DictConfig) -> None:
     for check in (check_resolves, check_fields, check_model, check_data, check_peft, check_kernels, check_optim,
-                  check_trainer, check_fsdp_adapters, check_placement, check_float8, check_run, check_preference, check_objective,
+                  check_trainer, check_fsdp_adapters, check_placement, check_float8, check_run, check_preference, check_grpo, check_objective,
                   check_evaluation,
                   check_tracking_server, check_targets):
         check(cfg)
     for warning in precision_warnings(cfg.precision, cfg.model):
         log.warning(warning)
+
+
+def check_grpo(cfg: DictConfig) -> None:
+    from tunelab.grpo_checks import check_grpo_config  # module=grpo's keys and reward functions
+
+    check_grpo_config(cfg)
 
 
 def check_targets(cfg: DictConfig) -> None:

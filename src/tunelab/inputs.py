@@ -42,6 +42,9 @@ def load_tokenizer(model_cfg: DictConfig):
 def check_inputs(cfg: DictConfig, tokenizer) -> None:
     check_data_rows(cfg.data, tokenizer)
     check_architecture(cfg, tokenizer)
+    from tunelab.grpo_checks import check_grpo_inputs  # module=grpo: prompts within the context, rewards' answers
+
+    check_grpo_inputs(cfg, tokenizer)
 
 
 # ---- data ----------------------------------------------------------------------------------------------------------

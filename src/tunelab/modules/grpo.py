@@ -24,6 +24,7 @@ import functools
 import logging
 import os
 import time
+import zlib
 from dataclasses import dataclass, fields
 
 import torch
@@ -200,17 +201,21 @@ class GRPOModule(CausalLMModule):
     (of the step's time). Each validation appends the last rollout's first groups to the MLflow table
     grpo_completions.json."""
 
+    # module.rewards holds functions by `_target_`, imported here and checked up front (tunelab.grpo_checks), not
+    # classes for tunelab.targets to build
+    function_targets = ("rewards",)
+
     def __init__(self, model: PreTrainedModel, optim: DictConfig, rewards: list, num_generations: int = 8,
                  max_new_tokens: int = 32, temperature: float = 1.0, top_p: float = 1.0, num_iterations: int = 1,
                  epsilon: float = 0.2, epsilon_high: float | None = None, beta: float = 0.0, reference: str = "auto",
-                 scale_rewards: bool = True, loss_type: str = "sequence_mean", adapter_only_checkpoints: bool = False,
-                 loss=model_loss):
+                 scale_rewards: bool = True, loss_type: str = "sequence_mean", seed: int = 0,
+                 adapter_only_checkpoints: bool = False, loss=model_loss):
         super().__init__(model, optim, adapter_only_checkpoints, loss)
         self.rewards = build_rewards(rewards)
         self.num_generations, self.max_new_tokens = num_generations, max_new_tokens
         self.temperature, self.top_p, self.num_iterations = temperature, top_p, num_iterations
         self.epsilon_low, self.epsilon_high = epsilon, epsilon if epsilon_high is None else epsilon_high
-        self.beta, self.scale_rewards, self.loss_type = beta, scale_rewards, loss_type
+        self.beta, self.scale_rewards, self.loss_type, self.seed = beta, scale_rewards, loss_type, seed
         self.chunk_size = getattr(loss, "chunk_size", None)
         self.reference = reference_kind(reference, model) if beta else "none"
         # In a list, not as a submodule: not trained, not in checkpoints, not wrapped by DDP (as tunelab.dpo's).
@@ -228,30 +233,33 @@ class GRPOModule(CausalLMModule):
     @torch.no_grad()
     def sample(self, prompts: list[list[int]]) -> list[list[int]]:
         """G completions of each prompt (prompt i's are rows i*G .. i*G+G-1), each through its first end token or
-        max_new_tokens. Prompts of one length generate together: tunelab's attention takes no padding mask."""
+        max_new_tokens.
+
+        Each prompt's G are drawn on their own, from torch's RNG seeded by the run's seed, the step and the prompt's
+        tokens: the same completions whichever rank draws them and whatever else is in its batch (DDP on any number of
+        ranks equals one process), and after a resume. One prompt a call also needs no padding, which tunelab's
+        attention does not mask."""
         tokenizer = self.tokenizer()
         ends = end_tokens(tokenizer.eos_token_id) | end_tokens(self.model.generation_config.eos_token_id)
         config = GenerationConfig(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0,
                                   max_new_tokens=self.max_new_tokens, use_cache=True, eos_token_id=sorted(ends),
                                   pad_token_id=tokenizer.pad_token_id)
         sharded = self.trainer.world_size > 1 and shards_model(self.trainer.strategy)
-        completions: list[list[int] | None] = [None] * (len(prompts) * self.num_generations)
-        by_length: dict[int, list[int]] = {}
-        for index, prompt in enumerate(prompts):
-            by_length.setdefault(len(prompt), []).append(index)
+        devices = [self.device] if self.device.type == "cuda" else []
+        completions = []
         was_training = self.model.training
         self.model.eval()
         with generation_context(self.trainer.strategy.model):
-            for length, indices in sorted(by_length.items()):
-                inputs = torch.tensor([prompts[i] for i in indices], device=self.device)
-                inputs = inputs.repeat_interleave(self.num_generations, dim=0)
-                output = self.model.generate(inputs=inputs, attention_mask=torch.ones_like(inputs),
-                                             generation_config=config, synced_gpus=sharded)
-                for row, tokens in enumerate(output[:, length:].tolist()):
+            for prompt in prompts:
+                key = f"{self.seed}/{self.trainer.global_step}/{','.join(map(str, prompt))}".encode()
+                with torch.random.fork_rng(devices=devices):
+                    torch.manual_seed(zlib.crc32(key))
+                    inputs = torch.tensor([prompt] * self.num_generations, device=self.device)
+                    output = self.model.generate(inputs=inputs, attention_mask=torch.ones_like(inputs),
+                                                 generation_config=config, synced_gpus=sharded)
+                for tokens in output[:, len(prompt):].tolist():
                     end = next((i for i, token in enumerate(tokens) if token in ends), None)
-                    prompt_index, generation = divmod(row, self.num_generations)
-                    completions[indices[prompt_index] * self.num_generations + generation] = \
-                        tokens if end is None else tokens[:end + 1]
+                    completions.append(tokens if end is None else tokens[:end + 1])
         self.model.train(was_training)
         return completions
 
