@@ -3,13 +3,15 @@ completions, advantages normalised within each prompt's group, training through 
 greedy exact match from an SFT export, resuming and scaling out like SFT, and refusing bad inputs with one line."""
 
 import copy
+import csv
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.conftest import compose_config
+from tests.conftest import compose_config, run_train
 
 # Of one length: trl left-pads prompts under an attention mask, which tunelab's attention (no padding mask) ignores.
 PROMPTS = ["reverse abc=", "upper hello=", "double abcd="]
@@ -270,3 +272,189 @@ def test_bad_grpo_inputs_are_refused_with_one_line_before_any_weights_load(tmp_p
     with pytest.raises(ConfigError, match=message) as error:
         check_inputs(cfg, load_tokenizer(cfg.model))
     assert "\n" not in str(error.value)
+
+
+# ── whole runs, from one SFT export ──────────────────────────────────────────────────────────────────────────────
+
+QUIET = ["eval=none", "callbacks.progress_bar=null", "trainer.log_every_n_steps=1"]
+SFT_STEPS = 600
+
+
+@pytest.fixture(scope="module")
+def sft_export(tmp_path_factory, dataset_cache) -> Path:
+    """README's first command: SFT on the embedded task with half its `double` answers cut short (data=tiny_flawed),
+    exported: a model that stops after one copy on about half its `double` prompts, which sampling sometimes does not."""
+    run_dir = tmp_path_factory.mktemp("sft") / "run"
+    run_train([*QUIET, "logger=csv", "data=tiny_flawed", f"trainer.max_steps={SFT_STEPS}",
+               f"trainer.val_check_interval={SFT_STEPS}",
+               "validate_at_start=false", "callbacks.samples=null", "callbacks.early_stopping=null"], run_dir,
+              dataset_cache)
+    return run_dir / "export"
+
+
+def small_grpo(sft_export: Path) -> list[str]:
+    return [*QUIET, "logger=csv", "module=grpo", "model=sft_export", f"model.name_or_path={sft_export}",
+            "data=tiny_flawed", "module.rewards=[{_target_: tunelab.rewards.embedded_task}]", "data.batch_size=4",
+            "module.num_generations=4", "module.max_new_tokens=10", "data.max_val_examples=16", "callbacks.samples=null",
+            "callbacks.early_stopping=null", "export=false", "optim.lr=3e-4", "validate_at_start=false"]
+
+
+def logged(run_dir: Path) -> dict[str, dict[int, float]]:
+    """metric -> {step: value} of a run's CSV log (every version: a resumed run writes a new one)."""
+    series = defaultdict(dict)
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            for name, value in row.items():
+                if value and name not in ("step", "epoch"):
+                    series[name][int(row["step"])] = float(value)
+    return series
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory, dataset_cache, sft_export):
+    """README's second command, experiment=tiny_grpo from the export, tracked in MLflow."""
+    run_dir = tmp_path_factory.mktemp("grpo") / "recipe"
+    uri = f"sqlite:///{run_dir.parent / 'mlflow.db'}"
+    result = run_train([*QUIET, "experiment=tiny_grpo", f"model.name_or_path={sft_export}", "logger=mlflow"], run_dir,
+                       dataset_cache, tracking_uri=uri)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("tiny-grpo").experiment_id])
+    return client, run, result
+
+
+def history(client, run, key: str) -> dict[int, float]:
+    return {metric.step: metric.value for metric in client.get_metric_history(run.info.run_id, key)}
+
+
+def test_tiny_grpo_raises_greedy_exact_match_on_held_out_prompts(recipe):
+    # val/reward: the greedy answers' reward on the held-out prompts, their exact match against the task's answer
+    # computed from the prompt. The step-0 validation is the SFT export itself on the same prompts (the SFT run's own
+    # split). Against the rows' flawed answers (val/exact_match) the fixed `double` answers count as misses: it falls.
+    client, run, result = recipe
+    exact = history(client, run, "val/reward")
+    first, best = exact[min(exact)], max(value for step, value in exact.items() if step > min(exact))
+    assert best >= first + 0.1, exact
+    flawed = history(client, run, "val/exact_match")
+    assert flawed[max(flawed)] < flawed[min(flawed)]
+    rewards = history(client, run, "train/reward")
+    steps = sorted(rewards)
+    early, late = steps[:10], steps[-10:]
+    assert sum(rewards[s] for s in late) / 10 > sum(rewards[s] for s in early) / 10, rewards
+    assert "objective val/reward (max)" in result.stdout
+
+
+def test_grpo_logs_rewards_groups_lengths_clipping_and_generation_share_with_a_completions_table(recipe):
+    import json
+
+    import mlflow
+
+    client, run, _ = recipe
+    metrics = run.data.metrics
+    for name in ("train/reward", "train/reward_std", "train/rewards/embedded_task/mean", "train/rewards/embedded_task/std",
+                 "train/frac_reward_zero_std", "train/completions/mean_length", "train/completions/max_length",
+                 "train/completions/clipped_ratio", "train/clip_ratio", "train/generation_share"):
+        assert name in metrics, name
+    assert 0 < metrics["train/generation_share"] < 1
+    assert 0 <= metrics["train/frac_reward_zero_std"] <= 1 and 0 <= metrics["train/completions/clipped_ratio"] <= 1
+    assert 1 <= metrics["train/completions/mean_length"] <= metrics["train/completions/max_length"] <= 12
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="grpo_completions.json",
+                                               tracking_uri=client._tracking_client.tracking_uri)
+    table = json.loads(Path(path).read_text())
+    assert table["columns"] == ["step", "prompt", "completion", "embedded_task", "advantage"]
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert len(rows) == 3 * 2 * 8  # three validations, two groups of eight each
+    for row in rows:
+        assert row["embedded_task"] in (0.0, 1.0) and row["prompt"].endswith("=")
+
+
+def test_a_constant_reward_leaves_the_weights_unchanged(tmp_path, dataset_cache, sft_export):
+    # Every advantage is zero, so with no KL term (and no weight decay) no step moves a weight.
+    from safetensors.torch import load_file
+
+    run_train([*small_grpo(sft_export), "module.rewards=[{_target_: tests.test_grpo.constant_reward}]",
+               "optim.weight_decay=0", "trainer.max_steps=2", "trainer.val_check_interval=2", "export=true"],
+              tmp_path / "run", dataset_cache)
+    before, after = load_file(sft_export / "model.safetensors"), load_file(tmp_path / "run" / "export" / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name, weight in before.items():
+        assert torch.equal(after[name], weight), name
+    series = logged(tmp_path / "run")
+    assert series["train/frac_reward_zero_std"] == {0: 1.0, 1: 1.0}
+
+
+def test_resume_mid_iteration_gives_the_losses_of_a_straight_run(tmp_path, dataset_cache, sft_export):
+    # num_iterations=2: step 3 reuses step 2's completions, which the resumed run reads from the checkpoint; each
+    # prompt's sampling is seeded, so the completions of step 2 onwards are the straight run's too.
+    common = [*small_grpo(sft_export), "module.num_iterations=2", "trainer.val_check_interval=3", "optim.total_steps=4"]
+    run_train([*common, "trainer.max_steps=4"], tmp_path / "straight", dataset_cache)
+    run_train([*common, "trainer.max_steps=3"], tmp_path / "resumed", dataset_cache)
+    checkpoint = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 3 and "grpo_rollout" in checkpoint
+    run_train([*common, "trainer.max_steps=4", "ckpt_path=last"], tmp_path / "resumed", dataset_cache)
+
+    straight, resumed = logged(tmp_path / "straight"), logged(tmp_path / "resumed")
+    assert sorted(resumed["train/loss"]) == sorted(straight["train/loss"]) == [0, 1, 2, 3]
+    for name in ("train/loss", "train/reward", "train/completions/mean_length", "train/clip_ratio", "val/loss"):
+        for step, value in straight[name].items():
+            assert resumed[name][step] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, step)
+    assert straight["train/frac_reward_zero_std"][3] < 1 and straight["train/loss"][3] != 0  # a reused rollout
+
+
+DDP2 = ["strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def test_ddp_on_two_processes_equals_one_process(tmp_path, dataset_cache, sft_export):
+    # Each rank samples its own prompts' groups (seeded per prompt) and averages over its completions; DDP's mean of
+    # the two ranks' gradients is one process's over all of them, so the trained weights are one process's.
+    # (val/loss is not compared: it averages per-batch token means, and the batches differ.)
+    import json
+
+    from safetensors.torch import load_file
+
+    common = [*small_grpo(sft_export), "trainer.max_steps=2", "trainer.val_check_interval=2", "optim.total_steps=2",
+              "export=true"]
+    run_train([*common, "data.batch_size=8"], tmp_path / "one", dataset_cache)
+    run_train([*common, *DDP2, "data.batch_size=4"], tmp_path / "two", dataset_cache)
+    one, two = (json.loads((tmp_path / name / "objective.json").read_text()) for name in ("one", "two"))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    base = load_file(sft_export / "model.safetensors")
+    one, two = (load_file(tmp_path / name / "export" / "model.safetensors") for name in ("one", "two"))
+    moved = max((one[name] - base[name]).abs().max() for name in base)
+    assert moved > 1e-4  # some group had a signal: the weights moved
+    for name, weight in one.items():
+        assert torch.allclose(two[name], weight, rtol=0, atol=moved * 1e-3), name
+    first, second = logged(tmp_path / "one"), logged(tmp_path / "two")
+    assert second["grad_norm/total"] == pytest.approx(first["grad_norm/total"], rel=1e-5)
+
+
+def test_an_optuna_sweep_over_beta_lr_and_group_size_searches_grpo_like_any_other(tmp_path, dataset_cache, sft_export):
+    import json
+    import subprocess
+    import sys
+
+    import optuna
+
+    from tests.conftest import ROOT, mlflow_runs, subprocess_env
+
+    storage, uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/sweeper=study", f"hydra.sweeper.storage={storage}",
+               "hydra.sweeper.study_name=grpo", "hydra.sweeper.n_trials=2", f"hydra.sweep.dir={tmp_path / 'multirun'}",
+               'hydra.sweeper.params={module.beta: "interval(0.0, 0.1)", optim.lr: "tag(log, interval(1e-5, 1e-3))", '
+               'module.num_generations: "choice(2, 4)"}',
+               "objective.metric=val/exact_match", "objective.mode=max", "logger=mlflow",
+               *(arg for arg in small_grpo(sft_export) if not arg.startswith(("optim.lr", "logger"))),
+               "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=subprocess_env(tmp_path, dataset_cache, uri))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    trials = optuna.load_study(study_name="grpo", storage=storage).trials
+    assert [trial.state for trial in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    for trial in trials:
+        assert 0 <= trial.params["module.beta"] <= 0.1 and trial.params["module.num_generations"] in (2, 4)
+        outcome = json.loads((tmp_path / "multirun" / str(trial.number) / "objective.json").read_text())
+        assert (outcome["metric"], outcome["objective"]) == ("val/exact_match", pytest.approx(trial.value))
+    parents, children = mlflow_runs(uri)
+    assert len(parents) == 1 and len(children) == 2

@@ -34,7 +34,8 @@ GENERATED_EXACT_MATCH = "val/generated_exact_match"  # logged by the samples cal
 DPO_MODULE, PREFERENCE_DATA = "tunelab.dpo.DPOModule", "tunelab.data.preference.PreferenceDataModule"
 DPO_METRICS = tuple(f"val/{name}" for name in ("rewards/accuracy", "rewards/margin", "rewards/chosen",
                                                "rewards/rejected", "logps/chosen", "logps/rejected"))  # module=dpo's
-VALIDATION_METRICS = ("val/loss", "val/exact_match", GENERATED_EXACT_MATCH, *DPO_METRICS)
+GRPO_METRICS = ("val/reward",)  # module=grpo's: the weighted reward of greedy answers to the validation prompts
+VALIDATION_METRICS = ("val/loss", "val/exact_match", GENERATED_EXACT_MATCH, *DPO_METRICS, *GRPO_METRICS)
 
 
 class ConfigError(ValueError):

@@ -7,7 +7,7 @@ import inspect
 
 from omegaconf import DictConfig, OmegaConf
 
-from tunelab.config import ConfigError, OneOf, Rule, show
+from tunelab.config import GRPO_METRICS, ConfigError, OneOf, Rule, show
 from tunelab.strategy import shards_parameters
 
 GRPO_MODULE = "tunelab.modules.grpo.GRPOModule"
@@ -28,6 +28,9 @@ def is_grpo(cfg: DictConfig) -> bool:
 
 def check_grpo_config(cfg: DictConfig) -> None:
     if not is_grpo(cfg):
+        if cfg.objective.metric in GRPO_METRICS:
+            raise ConfigError(f"objective.metric={cfg.objective.metric} is logged by module=grpo only: pick another "
+                              "objective.metric, or use module=grpo")
         return
     module = cfg.module
     for key, rule in GRPO_FIELDS.items():

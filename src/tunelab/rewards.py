@@ -15,10 +15,24 @@ it. Config keys beside `_target_` (and `weight`) are the function's own keyword 
 
 import re
 
+from tunelab.tiny_task import OPERATIONS
+
 
 def exact_match(prompts: list[str], completions: list[str], answer: list[str], **row) -> list[float]:
     """1.0 where the completion is the row's answer (surrounding whitespace aside), else 0.0."""
     return [float(completion.strip() == expected.strip()) for completion, expected in zip(completions, answer)]
+
+
+def embedded_task(prompts: list[str], completions: list[str], **row) -> list[float]:
+    """1.0 where the completion is what the embedded task's operation gives for the prompt's word (`double abc=`:
+    `abcabc`, tunelab.tiny_task.OPERATIONS), else 0.0. The program computes the answer from the prompt rather than
+    reading the row's, so it holds where the rows' answers are wrong (data=tiny_flawed)."""
+    rewards = []
+    for prompt, completion in zip(prompts, completions):
+        instruction, _, word = prompt.strip().removesuffix("=").partition(" ")
+        operation = OPERATIONS.get(instruction)
+        rewards.append(float(operation is not None and completion.strip() == operation(word)))
+    return rewards
 
 
 def format_match(prompts: list[str], completions: list[str], pattern: str = r"\S+", **row) -> list[float]:

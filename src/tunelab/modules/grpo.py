@@ -35,7 +35,7 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from tunelab.data.formats import IGNORE_INDEX
 from tunelab.dpo import ChunkedTargetLogProbs, frozen_copy, reference_kind
-from tunelab.generation import end_tokens
+from tunelab.generation import end_tokens, greedy_answer
 from tunelab.module import CausalLMModule, model_loss
 from tunelab.rewards import RewardError
 from tunelab.samples import generation_context
@@ -192,8 +192,9 @@ def prompt_and_answer(input_ids: list[int], labels: list[int]) -> tuple[list[int
 
 
 class GRPOModule(CausalLMModule):
-    """A causal LM trained with GRPO on the SFT data's prompts (module docstring). Validation is CausalLMModule's:
-    val/loss and val/exact_match (teacher-forced, which is greedy exact match) on the held-out rows' answers.
+    """A causal LM trained with GRPO on the SFT data's prompts (module docstring). Validation is CausalLMModule's
+    (val/loss, val/exact_match on the held-out rows' answers) and the rewards of greedy answers to the held-out prompts:
+    val/reward (weighted) and val/rewards/<name>.
 
     Logs per step: train/loss; train/reward and train/reward_std (the weighted sum), train/rewards/<name>/{mean,std};
     train/frac_reward_zero_std (groups whose rewards are all equal: no signal); train/completions/{mean_length,
@@ -365,6 +366,29 @@ class GRPOModule(CausalLMModule):
                  batch_size=size)
         self.log_dict({name: value.float() for name, value in values.items()}, on_step=True, on_epoch=False,
                       batch_size=size)
+
+    # ── validation: SFT's, and the rewards of greedy answers ──
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)  # val/loss, val/exact_match on the rows' answers
+        tokenizer = self.tokenizer()
+        rows = [prompt_and_answer(ids[:int(n)], labels[:int(n)]) for ids, labels, n in
+                zip(batch["input_ids"].tolist(), batch["labels"].tolist(), batch["attention_mask"].sum(1).tolist())]
+        sharded = self.trainer.world_size > 1 and shards_model(self.trainer.strategy)
+        with generation_context(self.trainer.strategy.model):
+            answers = [greedy_answer(self.model, prompt, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                     self.max_new_tokens, self.device, synced_gpus=sharded) for prompt, _ in rows]
+
+        def text(ids: list[int]) -> str:
+            return tokenizer.decode(ids, skip_special_tokens=True)
+
+        rewards = score(self.rewards, [text(prompt) for prompt, _ in rows], [text(answer) for answer in answers],
+                        {"answer": [text(answer) for _, answer in rows]})
+        weights = torch.tensor([reward.weight for reward in self.rewards], dtype=torch.float64)
+        size = len(rows)
+        self.log("val/reward", (rewards @ weights).mean().float(), prog_bar=True, sync_dist=True, batch_size=size)
+        self.log_dict({f"val/rewards/{reward.name}": rewards[:, k].mean().float()
+                       for k, reward in enumerate(self.rewards)}, sync_dist=True, batch_size=size)
 
     # ── the completions table ──
 
