@@ -21,10 +21,10 @@ that was sampled from. Checked against trl's GRPOTrainer loss in tests/test_grpo
 """
 
 import functools
-import logging
 import os
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -41,8 +41,6 @@ from tunelab.rewards import RewardError
 from tunelab.samples import generation_context
 from tunelab.strategy import shards_model
 from tunelab.targets import import_target
-
-log = logging.getLogger(__name__)
 
 LOSS_TYPES = ("sequence_mean", "token_mean", "dr_grpo")
 REFERENCES = ("auto", "adapter", "copy")
@@ -126,7 +124,7 @@ def token_logps(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
 @dataclass
 class Reward:
     name: str
-    function: callable
+    function: Callable[..., list[float]]
     weight: float
 
 
@@ -241,7 +239,7 @@ class GRPOModule(CausalLMModule):
         ranks equals one process), and after a resume. One prompt a call also needs no padding, which tunelab's
         attention does not mask."""
         tokenizer = self.tokenizer()
-        ends = end_tokens(tokenizer.eos_token_id) | end_tokens(self.model.generation_config.eos_token_id)
+        ends = self.end_ids = end_tokens(tokenizer.eos_token_id) | end_tokens(self.model.generation_config.eos_token_id)
         config = GenerationConfig(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0,
                                   max_new_tokens=self.max_new_tokens, use_cache=True, eos_token_id=sorted(ends),
                                   pad_token_id=tokenizer.pad_token_id)
@@ -295,8 +293,7 @@ class GRPOModule(CausalLMModule):
         old = self.policy_logps(input_ids, labels, grad=False) if self.num_iterations > 1 else None
         reference = self.reference_logps(input_ids, labels) if self.beta else None
         lengths = torch.tensor([len(completion) for completion in completions])
-        cut = torch.tensor([len(c) == self.max_new_tokens and c[-1] not in end_tokens(tokenizer.eos_token_id)
-                            for c in completions])
+        cut = torch.tensor([len(c) == self.max_new_tokens and c[-1] not in self.end_ids for c in completions])
         self.table_rows = [{"step": self.trainer.global_step, "prompt": prompt_texts[i], "completion": completion_texts[i],
                             **{reward.name: float(rewards[i, k]) for k, reward in enumerate(self.rewards)},
                             "advantage": float(advantages[i])}
@@ -346,7 +343,8 @@ class GRPOModule(CausalLMModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self.step_started
-        self.log("train/generation_share", self.generation_seconds / max(elapsed, 1e-9), on_step=True, on_epoch=False)
+        self.log("train/generation_share", self.generation_seconds / max(elapsed, 1e-9), on_step=True, on_epoch=False,
+                 batch_size=1)
 
     def log_rollout(self, rollout: Rollout, loss: torch.Tensor, metrics: dict[str, torch.Tensor]) -> None:
         size = rollout.input_ids.size(0)
