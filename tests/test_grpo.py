@@ -139,7 +139,7 @@ REWARDS = torch.tensor([1.0, 0.0, 0.5, 0.5, 1.0, 0.2], dtype=torch.float64)  # t
 @pytest.mark.parametrize("peft", ["none", "lora"])
 def test_loss_equals_trls_grpo_loss_on_the_same_completions(tmp_path, dataset_cache, loss_type, scale_rewards, beta,
                                                             reused, epsilon_high, peft):
-    from tunelab.modules.grpo import GRPOModule, Rollout, group_advantages
+    from tunelab.modules.grpo import GRPOModule, Rollout, group_advantages, token_logps
 
     model, tokenizer, cfg = tiny_model(tmp_path, dataset_cache, peft)
     if peft == "lora":  # the adapter away from zero, so the policy is not the base
@@ -159,21 +159,18 @@ def test_loss_equals_trls_grpo_loss_on_the_same_completions(tmp_path, dataset_ca
     assert all_equal.tolist() == [False, True, False]
     inputs["advantages"] = advantages
 
-    generator = torch.Generator().manual_seed(2)
-    noise = lambda: 0.3 * torch.randn(inputs["completion_ids"].shape, generator=generator, dtype=torch.float64)  # noqa: E731
     with torch.no_grad():
-        from tunelab.modules.grpo import token_logps
-
         now = token_logps(model, input_ids, labels, temperature)
     width = input_ids.size(1)
     now_trl = to_trl_tokens(now, prompts, completions, inputs["completion_ids"].size(1))
+    generator = torch.Generator().manual_seed(2)
     old = reference = None
     if reused:  # the sampling policy a few steps back: ratios off 1, some clipped
-        old_trl = now_trl + noise()
+        old_trl = now_trl + 0.3 * torch.randn(now_trl.shape, generator=generator, dtype=torch.float64)
         inputs["old_per_token_logps"] = old_trl
         old = to_our_tokens(old_trl, prompts, completions, width)
     if beta:
-        reference_trl = now_trl + noise()
+        reference_trl = now_trl + 0.3 * torch.randn(now_trl.shape, generator=generator, dtype=torch.float64)
         inputs["ref_per_token_logps"] = reference_trl
         reference = to_our_tokens(reference_trl, prompts, completions, width)
     rollout = Rollout(input_ids, labels, advantages, old, reference, REWARDS[:, None], torch.tensor([0]),
@@ -194,6 +191,24 @@ def test_loss_equals_trls_grpo_loss_on_the_same_completions(tmp_path, dataset_ca
         assert float(metrics[name]) == pytest.approx(value, rel=0, abs=1e-5), name
     if reused:
         assert their_metrics["clip_ratio"] > 0  # the clipped branch was exercised
+
+
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_the_kl_reference_is_the_model_as_the_run_found_it(tmp_path, dataset_cache, peft):
+    # beta > 0: the adapter switched off under LoRA, a frozen copy of a full fine-tune; training moves neither.
+    from tunelab.modules.grpo import GRPOModule, token_logps
+
+    model, tokenizer, cfg = tiny_model(tmp_path, dataset_cache, peft)
+    module = GRPOModule(model, cfg.optim, rewards=[{"_target_": "tunelab.rewards.exact_match"}], beta=0.1)
+    assert module.reference == ("adapter" if peft == "lora" else "copy")
+    input_ids, labels = our_layout(*fixed_completions(tokenizer), tokenizer.pad_token_id)
+    with torch.no_grad():
+        found = token_logps(model, input_ids, labels)
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad and (peft == "none" or "lora_B" in name):
+                parameter.add_(0.05 * torch.randn_like(parameter))
+        assert not torch.allclose(token_logps(model, input_ids, labels), found, atol=1e-6)
+    assert torch.allclose(module.reference_logps(input_ids, labels), found, rtol=0, atol=1e-12)
 
 
 def test_advantages_are_normalised_within_each_prompts_group():
