@@ -461,7 +461,7 @@ def test_an_optuna_sweep_over_beta_lr_and_group_size_searches_grpo_like_any_othe
                'hydra.sweeper.params={module.beta: "interval(0.0, 0.1)", optim.lr: "tag(log, interval(1e-5, 1e-3))", '
                'module.num_generations: "choice(2, 4)"}',
                "objective.metric=val/exact_match", "objective.mode=max", "logger=mlflow",
-               *(arg for arg in small_grpo(sft_export) if not arg.startswith(("optim.lr", "logger"))),
+               *(arg for arg in small_grpo(sft_export) if not arg.startswith(("optim.lr", "logger", "module.num_gen"))),
                "trainer.max_steps=2", "trainer.val_check_interval=2"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env=subprocess_env(tmp_path, dataset_cache, uri))
