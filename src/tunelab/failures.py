@@ -1,6 +1,7 @@
 """Runs that fail in a way the user can act on end with one line saying what to change, not a traceback: a diverged
 run (tunelab.callbacks.DivergenceGuard), a GPU that ran out of memory, and data found unusable only as it is
-tokenized (a chat template that rewrites earlier turns in a row the up-front check did not reach)."""
+tokenized (a chat template that rewrites earlier turns in a row the up-front check did not reach), and a reward
+function (module=grpo) that returns other than one number per completion."""
 
 import torch
 from lightning.pytorch import Trainer
@@ -8,6 +9,7 @@ from omegaconf import DictConfig
 
 from tunelab.callbacks import TrainingDiverged
 from tunelab.data.chat import TemplateRewritesTurns
+from tunelab.rewards import RewardError
 from tunelab.strategy import shards_parameters
 
 # How CUDA libraries report an allocation that failed; cuBLAS's comes as a plain RuntimeError.
@@ -41,7 +43,7 @@ def out_of_memory_advice(cfg: DictConfig, trainer: Trainer) -> str:
 
 def explain_failure(error: BaseException, cfg: DictConfig, trainer: Trainer) -> str | None:
     """The one line for a failure the user can act on, or None for one whose traceback is the best report."""
-    if isinstance(error, (TrainingDiverged, TemplateRewritesTurns)):
+    if isinstance(error, (TrainingDiverged, TemplateRewritesTurns, RewardError)):
         return str(error)
     if is_out_of_memory(error):
         return out_of_memory_advice(cfg, trainer)

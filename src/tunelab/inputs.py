@@ -14,6 +14,7 @@ import warnings
 import torch
 from omegaconf import DictConfig
 
+from tunelab.config.grpo import is_grpo
 from tunelab.data.checks import check_data_rows
 from tunelab.errors import ConfigError, one_line, show
 
@@ -32,6 +33,7 @@ def load_tokenizer(model_cfg: DictConfig):
 def check_inputs(cfg: DictConfig, tokenizer) -> None:
     check_data_rows(cfg.data, tokenizer)  # tunelab.data.checks
     check_architecture(cfg, tokenizer)
+    check_grpo_inputs(cfg, tokenizer)  # module=grpo: prompts within the context, rewards' answers
 
 
 def check_architecture(cfg: DictConfig, tokenizer) -> None:
@@ -114,3 +116,42 @@ def check_lora_targets(model: torch.nn.Module, targets) -> None:
         layers = sorted({name.rsplit(".", 1)[-1] for name in names})
         raise ConfigError(f"peft.target_modules={show(targets)}: the model has no linear or embedding layer named "
                           f"{', '.join(missing)}; those it has are {', '.join(layers)}")
+
+
+def check_grpo_inputs(cfg: DictConfig, tokenizer) -> None:
+    """The rows' prompts leave room for max_new_tokens in the model's context, and every reward gives one number per
+    completion on the first row (its own answer, and an empty completion, as the group)."""
+    if not is_grpo(cfg) or cfg.data.get("sources"):
+        return
+    from tunelab.data import load_rows
+    from tunelab.data.formats import detect_format
+    from tunelab.data.rows import RowTokenizer
+    from tunelab.modules.grpo import build_rewards, prompt_and_answer, score
+
+    data, module = cfg.data, cfg.module
+    rows = load_rows(data.source, data.path, data.split, data.num_examples, data.cache_dir, data.seed)
+    fmt = detect_format(rows.column_names) if data.format == "auto" else data.format
+    tokenize = RowTokenizer(fmt, (data.prompt_template, data.prompt_template_no_input), tokenizer, data.max_length,
+                            data.get("train_on", "all_assistant"), data.get("truncation", "cut_turns"))
+    context = getattr(model_config(cfg.model, tokenizer)[0], "max_position_embeddings", None)
+    first = None
+    for number, row in enumerate(rows, start=1):
+        encoded = tokenize(row)
+        if encoded["fate"] not in ("kept", "cut"):
+            continue
+        prompt, answer = prompt_and_answer(encoded["input_ids"], encoded["labels"])
+        first = first or (prompt, answer)
+        if context is not None and len(prompt) + module.max_new_tokens > context:
+            raise ConfigError(f"data row {number}: its prompt is {len(prompt)} tokens, and with module.max_new_tokens="
+                              f"{module.max_new_tokens} it runs past the model's context of {context} tokens: lower "
+                              "module.max_new_tokens or data.max_length")
+    if first is None:
+        return  # check_data_rows has said why no row trains
+    group = module.num_generations
+    prompt, answer = (tokenizer.decode(ids, skip_special_tokens=True) for ids in first)
+    from tunelab.rewards import RewardError
+
+    try:
+        score(build_rewards(module.rewards), [prompt] * group, [answer] + [""] * (group - 1), {"answer": [answer] * group})
+    except RewardError as error:
+        raise ConfigError(f"module.rewards: on data row 1, {error}") from None

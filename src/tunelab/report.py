@@ -44,7 +44,7 @@ def plot_loss_curves(tracker: ObjectiveTracker, path: Path) -> Path:
     return path
 
 
-SCORES = ("val/exact_match", "val/rewards/accuracy", "val/rewards/margin")
+SCORES = ("val/exact_match", "val/rewards/accuracy", "val/rewards/margin", "val/reward")
 
 
 def summary_lines(tracker: ObjectiveTracker, objective: float, best_checkpoint: str | None, run_id: str | None,
@@ -55,7 +55,7 @@ def summary_lines(tracker: ObjectiveTracker, objective: float, best_checkpoint: 
         lines.append(f"train/loss (last step)   {tracker.train_loss[-1][1]:.4f}")
     if "val/loss" in last_val:
         lines.append(f"val/loss (last)          {last_val['val/loss']:.4f}")
-    # the task's own score where the module logs one: exact match (SFT), or DPO's reward accuracy and margin
+    # the task's own score where the module logs one: exact match (SFT), DPO's reward accuracy and margin, GRPO's reward
     lines += [f"{name + ' (last)':<24} {last_val[name]:.3f}" for name in SCORES if name in last_val]
     lines.append(f"objective {tracker.metric} ({tracker.mode})  {objective:.4f}")
     if tokens_per_second is not None:

@@ -74,6 +74,8 @@ def check_target(key: str, spec: DictConfig | dict) -> type:
         if name != "_target_" and name.startswith("_") and name.endswith("_"):
             raise ConfigError(f"{key}.{name}: tunelab calls {path} with the keys of {key} as its arguments and takes "
                               "no Hydra instantiate flag there; remove it")
+        if name in getattr(target, "function_targets", ()):
+            continue  # a list of functions by `_target_` that the class imports itself (module=grpo's rewards)
         if nested := find_nested_target(value, f"{key}.{name}"):
             raise ConfigError(f"{nested[0]}._target_={show(nested[1])}: tunelab builds only the {key}._target_ class, "
                               "never a _target_ in its arguments; build that object in your class's __init__")

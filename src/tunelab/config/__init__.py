@@ -10,6 +10,7 @@ model.py       model and peft: weights, tokenizer, chat template, adapter
 data.py        data: where rows come from, data.sources, templates, packing
 placement.py   strategy, devices, precision and kernels against the hardware here
 training.py    optim, trainer, ckpt_path, the objective, module=dpo's pairs
+grpo.py        module=grpo: its keys, reward functions and what it samples from
 evaluation.py  eval=auto resolved to a plain option, eval's keys, an eval/ objective
 tracking.py    the MLflow tracking server answers
 """

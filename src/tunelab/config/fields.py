@@ -213,6 +213,21 @@ DPO_FIELDS = {
     "module.orpo_lambda": Rule(float, "> 0", null=True),
 }
 
+GRPO_FIELDS = {
+    "module.num_generations": Rule(int, ">= 2"),
+    "module.max_new_tokens": Rule(int, ">= 1"),
+    "module.temperature": Rule(float, "> 0"),
+    "module.top_p": Rule(float, "> 0", "<= 1"),
+    "module.num_iterations": Rule(int, ">= 1"),
+    "module.epsilon": Rule(float, "> 0", "< 1"),
+    "module.epsilon_high": Rule(float, "> 0", null=True),
+    "module.beta": Rule(float, ">= 0"),
+    "module.reference": OneOf("auto", "adapter", "copy"),
+    "module.scale_rewards": Rule(bool),
+    "module.loss_type": OneOf("sequence_mean", "token_mean", "dr_grpo"),
+    "module.seed": Rule(int, ">= 0"),
+}
+
 # The eval option's keys once eval=auto has become a plain option (tunelab.config.evaluation); eval.tasks is checked
 # there, as a list of task names.
 EVAL_AUTO = OneOf("embedded", "off")

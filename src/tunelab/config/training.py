@@ -16,7 +16,8 @@ DPO_MODULE, PREFERENCE_DATA = "tunelab.modules.dpo.DPOModule", "tunelab.data.pre
 DPO_METRICS = tuple(f"val/{name}" for name in ("rewards/accuracy", "rewards/margin", "rewards/chosen",
                                                "rewards/rejected", "logps/chosen", "logps/rejected"))  # module=dpo's
 REFERENCE_FREE = ("simpo", "orpo")  # module.loss_type values with no reference pass (tunelab.modules.dpo)
-VALIDATION_METRICS = ("val/loss", "val/exact_match", GENERATED_EXACT_MATCH, *DPO_METRICS)
+GRPO_METRICS = ("val/reward",)  # module=grpo's: the weighted reward of greedy answers to the validation prompts
+VALIDATION_METRICS = ("val/loss", "val/exact_match", GENERATED_EXACT_MATCH, *DPO_METRICS, *GRPO_METRICS)
 
 
 def check_optim(cfg: DictConfig) -> None:

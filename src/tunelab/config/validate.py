@@ -8,6 +8,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tunelab.config.data import check_data
 from tunelab.config.evaluation import check_evaluation
 from tunelab.config.fields import check_fields
+from tunelab.config.grpo import check_grpo
 from tunelab.config.model import check_model, check_peft
 from tunelab.config.placement import check_float8, check_fsdp_adapters, check_kernels, check_placement
 from tunelab.config.tracking import check_tracking_server
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def validate_config(cfg: DictConfig) -> None:
     for check in (check_resolves, check_fields, check_model, check_data, check_peft, check_kernels, check_optim,
-                  check_trainer, check_fsdp_adapters, check_placement, check_float8, check_run, check_preference,
+                  check_trainer, check_fsdp_adapters, check_placement, check_float8, check_run, check_preference, check_grpo,
                   check_objective, check_evaluation, check_tracking_server,
                   check_group_targets):  # last: it imports the classes the config names, Lightning with them
         check(cfg)
