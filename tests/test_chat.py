@@ -205,14 +205,15 @@ HELD_OUT = ["plon", "joke", "ghfa", "cado", "mnop", "fifa", "bag", "old", "lamb"
 @pytest.mark.parametrize("train_on", ["all_assistant", "last_assistant"])
 def test_the_embedded_two_turn_task_learns_both_answers_only_with_every_turn_trained(tmp_path, dataset_cache, train_on):
     run_dir, every_turn = tmp_path / "run", train_on == "all_assistant"
-    run_train(["data=tiny_chat", f"data.train_on={train_on}", "data.num_examples=2000", "trainer.max_steps=250",
-               "trainer.val_check_interval=250", "eval=none", "callbacks.progress_bar=null",
+    run_train(["data=tiny_chat", f"data.train_on={train_on}", "data.num_examples=2000", "trainer.max_steps=200",
+               "trainer.val_check_interval=200", "validate_at_start=false", "callbacks.samples=null", "eval=none",
+               "callbacks.progress_bar=null",
                f"logger={'mlflow' if every_turn else 'none'}"], run_dir, dataset_cache)
     first, second = two_turn_answers(run_dir / "export", HELD_OUT)
     if not every_turn:
         assert first <= 0.2 and second >= 0.8, (first, second)  # the first answer is never learned
         return
-    assert first >= 0.8 and second >= 0.8, (first, second)
+    assert first >= 0.8 and second >= 0.8, (first, second)  # seen: 1.0 and 1.0 at 200 steps (150 gave 0.6, 1.0)
     template = build_char_tokenizer().chat_template  # saved with the run, so generate.py writes prompts the same way
     assert (run_dir / "export" / "chat_template.jinja").read_text() == template
     (run,), _ = mlflow_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
