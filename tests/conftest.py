@@ -32,7 +32,8 @@ FAST = ["trainer.max_steps=20", "trainer.val_check_interval=10", "data.num_examp
 # short ones to fill the end. xdist's own order (files with the most tests first) left the few-test long files (the
 # default job, the two-turn chat runs, SLURM) to the end, where one worker ran on alone (BENCHMARKS.md, the suite in
 # 15 minutes). Files not named keep their order, after these.
-LONGEST_FIRST = ["test_dpo.py", "test_eval.py", "test_chat.py", "test_resume.py", "test_sweep.py", "test_default_job.py",
+LONGEST_FIRST = ["test_dpo.py", "test_eval.py", "test_chat.py", "test_grpo.py", "test_resume.py", "test_sweep.py",
+                 "test_default_job.py", "test_sweep_dispatch.py", "test_streaming_runs.py",
                  "test_slurm.py", "test_scale_out.py", "test_pruning_signals.py", "test_fsdp2.py", "test_divergence.py",
                  "test_preemption.py", "test_generation.py", "test_mixing.py", "test_fast_path.py", "test_mlflow_ui.py"]
 
