@@ -27,6 +27,7 @@ from tunelab.model import build_model, count_parameters
 from tunelab.modules.base import build_module
 from tunelab.modules.causal_lm import CausalLMModule
 from tunelab.modules.dpo import DPOModule
+from tunelab.modules.grpo import GRPOModule
 from tunelab.optim import build_optimizer, build_scheduler
 from tunelab.peft import apply_peft, base_quantization
 from tunelab.strategy import build_strategy, gpu_count, strategy_accelerator, strategy_devices
@@ -70,6 +71,9 @@ EXPECTED = {
     ("experiment", "tiny_dpo"): {"choices": {"model": "sft_export", "data": "tiny_pairs", "module": "dpo"},
                                  "experiment_name": "tiny-dpo", "lr": 3e-5, "max_steps": 40, "val_check_interval": 10,
                                  "builds": (DPOModule, PreferenceDataModule)},
+    ("experiment", "tiny_grpo"): {"choices": {"model": "sft_export", "data": "tiny_flawed", "module": "grpo"},
+                                  "experiment_name": "tiny-grpo", "lr": 2e-4, "max_steps": 60, "val_check_interval": 20,
+                                  "builds": (GRPOModule, InstructionDataModule)},
     # (on the CPU, on a GPU): what `auto` resolves to, per piece
     ("kernels", "auto"): ({"loss": "plain", "compile": "none", "fused_ops": "none"},
                           {"loss": "liger" if liger_available() else "chunked", "compile": "layers", "fused_ops": "native"}),
@@ -87,6 +91,8 @@ EXPECTED = {
     # (class, its settings)
     ("module", "causal_lm"): (CausalLMModule, {}),
     ("module", "dpo"): (DPOModule, {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "reference": "copy"}),
+    ("module", "grpo"): (GRPOModule, {"num_generations": 8, "max_new_tokens": 32, "epsilon_low": 0.2, "epsilon_high": 0.2,
+                                      "beta": 0.0, "reference": "none", "loss_type": "sequence_mean"}),
     ("optim", "adamw_cosine"): {"lr": 3e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": {"decay": 0.01, "no_decay": 0.0},
                                 # 100 steps: 5 of warm-up ((step + 1) / 6 of the peak), the cosine down to 0.1 at step 99
                                 "multipliers": {0: 1 / 6, 2: 3 / 6, 5: 1.0, 99: 0.1}},
@@ -132,7 +138,8 @@ def companions(group: str, option: str, tmp_path) -> list[str]:
         return ["module=dpo"]
     if (group, option) == ("module", "dpo"):
         return ["data=tiny_pairs"]
-    if (group, option) in (("model", "sft_export"), ("experiment", "tiny_dpo")):  # a run's export: the embedded model
+    if (group, option) in (("model", "sft_export"), ("experiment", "tiny_dpo"),
+                           ("experiment", "tiny_grpo")):  # a run's export: the embedded model
         export, tokenizer, default = tmp_path / "export", build_char_tokenizer(), compose_config([], tmp_path, tmp_path)
         build_model(default.model, default.precision, tokenizer).save_pretrained(export)
         tokenizer.save_pretrained(export)
