@@ -1,6 +1,7 @@
 """Shared helpers: compose the real config, and run the real `train.py` in a subprocess on the embedded default."""
 
 import atexit
+import csv
 import importlib.util
 import os
 import shutil
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,17 @@ def run_train(args: list[str], run_dir: Path, cache_dir: Path, tracking_uri: str
     if check and result.returncode != 0:
         raise AssertionError(f"train.py {' '.join(args)} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def logged(run_dir: Path) -> dict[str, dict[int, float]]:
+    """metric -> {step: value} of a run's CSV log (every version: a resumed run writes a new one)."""
+    series = defaultdict(dict)
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        for row in csv.DictReader(path.open()):
+            for name, value in row.items():
+                if value and name not in ("step", "epoch"):
+                    series[name][int(row["step"])] = float(value)
+    return series
 
 
 def run_with_failing_rank(args: list[str], run_dir: Path, cache_dir: Path, rank: int, timeout: int) -> subprocess.CompletedProcess:

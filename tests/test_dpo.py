@@ -3,7 +3,6 @@ batch, learning the embedded preference task from an SFT export, resuming and sc
 pairs and keys with one line."""
 
 import copy
-import csv
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import compose_config, run_train
+from tests.conftest import compose_config, logged, run_train
 
 PAIRS = [
     {"prompt": "reverse", "input": "abc", "chosen": "cba", "rejected": "abd"},
@@ -390,17 +389,6 @@ def test_bad_dpo_input_ends_train_py_with_one_line(tmp_path, dataset_cache, args
 QUIET = ["logger=csv", "eval=none", "callbacks.progress_bar=null", "trainer.log_every_n_steps=1"]
 SMALL_DPO = [*QUIET, "module=dpo", "data=tiny_pairs", "data.num_examples=400", "data.batch_size=8", "data.val_size=32",
              "callbacks.samples=null", "callbacks.early_stopping=null", "export=false", "optim.lr=1e-3"]
-
-
-def logged(run_dir: Path) -> dict[str, dict[int, float]]:
-    """metric -> {step: value} of a run's CSV log (every version: a resumed run writes a new one)."""
-    series = defaultdict(dict)
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            for name, value in row.items():
-                if value and name not in ("step", "epoch"):
-                    series[name][int(row["step"])] = float(value)
-    return series
 
 
 @pytest.mark.parametrize("peft,reference,packing", [("none", "precomputed", False), ("lora", "auto", False),

@@ -3,7 +3,6 @@ completions, advantages normalised within each prompt's group, training through 
 greedy exact match from an SFT export, resuming and scaling out like SFT, and refusing bad inputs with one line."""
 
 import copy
-import csv
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import compose_config, run_train
+from tests.conftest import compose_config, logged, run_train
 
 # Of one length: trl left-pads prompts under an attention mask, which tunelab's attention (no padding mask) ignores.
 PROMPTS = ["reverse abc=", "upper hello=", "double abcd="]
@@ -312,17 +311,6 @@ def small_grpo(sft_export: Path) -> list[str]:
             "data=tiny_flawed", "module.rewards=[{_target_: tunelab.rewards.embedded_task}]", "data.batch_size=4",
             "module.num_generations=4", "module.max_new_tokens=10", "data.max_val_examples=16", "callbacks.samples=null",
             "callbacks.early_stopping=null", "export=false", "optim.lr=3e-4", "validate_at_start=false"]
-
-
-def logged(run_dir: Path) -> dict[str, dict[int, float]]:
-    """metric -> {step: value} of a run's CSV log (every version: a resumed run writes a new one)."""
-    series = defaultdict(dict)
-    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
-        for row in csv.DictReader(path.open()):
-            for name, value in row.items():
-                if value and name not in ("step", "epoch"):
-                    series[name][int(row["step"])] = float(value)
-    return series
 
 
 @pytest.fixture(scope="module")
