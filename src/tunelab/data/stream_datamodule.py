@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 import torch.distributed as dist
-from datasets import Dataset
+from datasets import Dataset, concatenate_datasets
 from torch.utils.data import DataLoader
 
 from tunelab.data.checks import STREAM_CHECK_ROWS
@@ -52,13 +52,13 @@ class StreamingDataModule(InstructionDataModule):
                 if len(rows) == held_out:
                     break
             tokenize = self.row_tokenizer(fmt)
-            val = [example for example in map(lambda raw: tokenized(tokenize, raw, fmt), rows) if example is not None]
+            val = [example for example in map(functools.partial(tokenized, tokenize), rows) if example is not None]
             vals.append(Dataset.from_list(val).add_column("source", [index] * len(val)))
             self.streams.append(stream)
             self.formats.append(fmt)
             self.train_starts.append(reading.position())
         self.resolved_format = self.formats[0]
-        self.val = vals[0] if len(vals) == 1 else _concatenate(vals)
+        self.val = vals[0] if len(vals) == 1 else concatenate_datasets(vals)
         self.source_splits = [(None, val) for val in vals]
         log.info("data: streaming %d source%s (%s); validation: the first %d rows of each (%d examples)",
                  len(self.sources), "s" if len(self.sources) > 1 else "", ", ".join(s.name for s in self.sources),
@@ -140,15 +140,9 @@ def stream_format(stream) -> str:
     return detect_format(sorted(columns))
 
 
-def tokenized(tokenize: RowTokenizer, raw: Any, fmt: str) -> dict | None:
+def tokenized(tokenize: RowTokenizer, raw: Any) -> dict | None:
     try:
         example = tokenize(parse_row(raw))
     except (BadRow, ValueError):
         return None
     return {"input_ids": example["input_ids"], "labels": example["labels"]} if is_trained(example) else None
-
-
-def _concatenate(datasets: list[Dataset]) -> Dataset:
-    from datasets import concatenate_datasets
-
-    return concatenate_datasets(datasets)

@@ -51,7 +51,8 @@ class SourceCursor:
         state = state or {"pass": 0, "block": 0, "start": train_start, "taken": 0}
         self.passes, self.block_index, self.start, self.taken = state["pass"], state["block"], state["start"], state["taken"]
         self.block: list | None = None
-        self.reading = None
+        self.reading = None  # the stream's reading in progress, and its rows
+        self.rows = None
         self.next_start = None
 
     def state(self) -> dict:
@@ -61,9 +62,10 @@ class SourceCursor:
         """The block at `start`, permuted; past the source's end, the next pass's first block."""
         for _ in range(2):
             if self.reading is None:
-                self.reading = iter_with_position(self.stream.read(self.start))
+                self.reading = self.stream.read(self.start)
+                self.rows = iter(self.reading)
             rows = []
-            for raw in self.reading:
+            for raw in self.rows:
                 rows.append(raw)
                 if len(rows) == self.block_size:
                     break
@@ -90,22 +92,6 @@ class SourceCursor:
         row = self.block[self.taken]
         self.taken += 1
         return row
-
-
-class iter_with_position:
-    """A reading's rows one by one, its position still asked of it."""
-
-    def __init__(self, reading):
-        self.reading, self.rows = reading, iter(reading)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return next(self.rows)
-
-    def position(self) -> Any:
-        return self.reading.position()
 
 
 class MixSchedule:
